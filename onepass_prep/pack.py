@@ -1,0 +1,88 @@
+"""Pack laid-out conversations into rows of at most `max_len` tokens.
+
+Best-fit decreasing over a bounded window of conversations keeps rows full while the
+conversion still streams; the output depends only on the input order, never on timing.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from onepass_prep.tree import Layout
+
+
+@dataclass
+class Row:
+    """One training sequence per docs/FORMAT.md: one or more trees side by side."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    labels: np.ndarray
+    seg_lens: np.ndarray
+    seg_parents: np.ndarray
+    conversation_ids: list[str]
+    n_pass_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def join(items: list[tuple[str, Layout]]) -> Row:
+    """Put trees one after another; each keeps its own roots, parents shift by offset."""
+    parents, offset = [], 0
+    for _, layout in items:
+        parents.append(np.where(layout.seg_parents < 0, -1, layout.seg_parents + offset))
+        offset += len(layout.seg_lens)
+    layouts = [layout for _, layout in items]
+    return Row(
+        np.concatenate([layout.input_ids for layout in layouts]),
+        np.concatenate([layout.position_ids for layout in layouts]),
+        np.concatenate([layout.labels for layout in layouts]),
+        np.concatenate([layout.seg_lens for layout in layouts]),
+        np.concatenate(parents).astype(np.int32),
+        [conversation_id for conversation_id, _ in items],
+        sum(layout.n_pass_tokens for layout in layouts),
+    )
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group item indices into bins of total length <= capacity, longest items first."""
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin index), kept sorted
+    for index in order:
+        slot = bisect.bisect_left(free, (lengths[index], -1))
+        if slot == len(free):
+            bins.append([index])
+            bisect.insort(free, (capacity - lengths[index], len(bins) - 1))
+            continue
+        space, bin_index = free.pop(slot)
+        bins[bin_index].append(index)
+        bisect.insort(free, (space - lengths[index], bin_index))
+    return bins
+
+
+def pack(
+    items: Iterable[tuple[str, Layout]], max_len: int, window: int, enabled: bool = True
+) -> Iterator[Row]:
+    """Rows in a deterministic order; with `enabled` False, one conversation per row."""
+    if not enabled:
+        for item in items:
+            yield join([item])
+        return
+    buffer: list[tuple[str, Layout]] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= window:
+            yield from _flush(buffer, max_len)
+            buffer = []
+    yield from _flush(buffer, max_len)
+
+
+def _flush(buffer: list[tuple[str, Layout]], max_len: int) -> Iterator[Row]:
+    for group in best_fit_decreasing([len(layout) for _, layout in buffer], max_len):
+        yield join([buffer[index] for index in group])

@@ -1,0 +1,98 @@
+"""Render a conversation into its N-pass samples with the model's own chat template.
+
+Sample i is `template(messages[:i+1])` for each assistant message i; its trained tokens
+are those past the longest common prefix with `template(messages[:i],
+add_generation_prompt=True)`. Nothing here assumes where reasoning sits: the layout is
+derived from these token sequences alone, so it is exact for any template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from onepass_prep.records import BadRecord, Conversation
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray  # int32, the full rendered sequence of one N-pass sample
+    train_start: int  # first trained position; positions before it are context
+
+    @property
+    def num_trained(self) -> int:
+        return max(0, len(self.input_ids) - self.train_start)
+
+
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+class Renderer:
+    """Turns canonical conversations into N-pass samples for one tokenizer and template."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, think_tags: tuple[str, str]):
+        self.tokenizer = tokenizer
+        self.think_tags = think_tags
+        # Templates that know `reasoning_content` get it as a field; the others (e.g.
+        # DeepSeek-R1's, which splits content on </think>) get it inline in `content`.
+        self.inline_reasoning = "reasoning_content" not in tokenizer.chat_template
+
+    def template_messages(self, messages: list[dict]) -> list[dict]:
+        """The messages exactly as the chat template receives them."""
+        if not self.inline_reasoning:
+            return messages
+        open_tag, close_tag = self.think_tags
+        inlined = []
+        for message in messages:
+            reasoning = message.get("reasoning_content")
+            if reasoning is None:
+                inlined.append(message)
+                continue
+            message = {key: value for key, value in message.items() if key != "reasoning_content"}
+            if reasoning:
+                message["content"] = f"{open_tag}\n{reasoning}\n{close_tag}\n\n{message['content']}"
+            inlined.append(message)
+        return inlined
+
+    def render_texts(self, conversation: Conversation) -> list[tuple[str, str]]:
+        """(prompt text, sample text) for each assistant message, in order."""
+        messages = self.template_messages(conversation.messages)
+        texts = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._apply(messages[:index], conversation.tools, generation_prompt=True)
+            sample = self._apply(messages[: index + 1], conversation.tools, generation_prompt=False)
+            texts.append((prompt, sample))
+        return texts
+
+    def samples(self, conversation: Conversation) -> list[Sample]:
+        pairs = self.render_texts(conversation)
+        flat = [text for pair in pairs for text in pair]
+        encoded = self.tokenizer.backend_tokenizer.encode_batch(flat, add_special_tokens=False)
+        ids = [np.asarray(encoding.ids, dtype=np.int32) for encoding in encoded]
+        samples = []
+        for prompt_ids, sample_ids in zip(ids[0::2], ids[1::2], strict=True):
+            start = max(1, common_prefix_length(prompt_ids, sample_ids))
+            samples.append(Sample(sample_ids, start))
+        return samples
+
+    def _apply(
+        self, messages: list[dict], tools: list[dict] | None, generation_prompt: bool
+    ) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
+        except Exception as error:  # a template may raise anything; the record is bad
+            raise BadRecord(
+                "template-error", f"chat template failed: {type(error).__name__}: {error}"
+            ) from None
