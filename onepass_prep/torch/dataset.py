@@ -1,0 +1,223 @@
+"""Map-style and streaming datasets over the shards of a finished run.
+
+Both yield rows shaped as in the Parquet file (``input_ids``, ``labels``, ``position_ids``
+as int32 numpy arrays, ``mask_spec`` as a dict of ``seg_lens`` and ``seg_parents``), so the
+collator also accepts rows read by other tools. Every row is validated before it is yielded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from .format import Source, resolve_shards
+from .validate import list_columns, list_parts, validate_batch
+
+Row = dict[str, Any]
+
+_READ = ["input_ids", "position_ids", "labels", "mask_spec", "num_tokens", "num_trained_tokens"]
+_KEEP = ["input_ids", "position_ids", "labels", "mask_spec"]
+
+
+class _Rows:
+    """Zero-copy numpy views of one record batch, sliced into rows on demand."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.parts = {name: list_parts(array) for name, array in list_columns(batch).items()}
+        self.num_rows = batch.num_rows
+
+    def __getitem__(self, i: int) -> Row:
+        row = {name: values[off[i] : off[i + 1]] for name, (off, values) in self.parts.items()}
+        row["mask_spec"] = {"seg_lens": row.pop("seg_lens"), "seg_parents": row.pop("seg_parents")}
+        return row
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "onepass_prep"
+
+
+def arrow_cache(path: Path, cache_dir: Path) -> Path:
+    """An uncompressed Arrow IPC copy of a validated shard, built once, memory-mapped after.
+
+    Parquet is compressed, so random access into it decodes whole row groups; the IPC copy
+    is read in place through the page cache, which processes on one machine share. The name
+    carries the shard's path, size and mtime, so a rewritten shard gets a fresh copy.
+    """
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir / f"{path.stem}-{key[:16]}.arrow"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    shard = pq.ParquetFile(path)
+    first_row = 0
+    try:
+        with pa.ipc.new_file(tmp, _keep_schema(shard)) as out:
+            for group in range(shard.num_row_groups):
+                table = shard.read_row_group(group, columns=_READ)
+                validate_batch(table, path, first_row)
+                first_row += table.num_rows
+                out.write_table(table.select(_KEEP))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _keep_schema(shard: pq.ParquetFile) -> pa.Schema:
+    schema = shard.schema_arrow
+    return pa.schema([schema.field(name) for name in _KEEP])
+
+
+class OnePassDataset(Dataset):
+    """Random access to every row of one or many runs, for samplers and DistributedSampler.
+
+    Shards are validated once while their memory-mapped Arrow copy is built in ``cache_dir``
+    (default ``$XDG_CACHE_HOME/onepass_prep``), so a broken row fails at construction.
+    """
+
+    def __init__(self, source: Source, cache_dir: str | Path | None = None) -> None:
+        self.files = resolve_shards(source)
+        root = Path(cache_dir) if cache_dir is not None else _cache_root()
+        self._cached = [arrow_cache(path, root) for path in self.files]
+        self._blocks: list[_Rows] | None = None
+        self._starts: list[int] = []
+        self._open()
+
+    def _open(self) -> None:
+        blocks: list[_Rows] = []
+        for path in self._cached:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            blocks.extend(_Rows(reader.get_batch(i)) for i in range(reader.num_record_batches))
+        self._blocks = blocks
+        self._starts = np.cumsum([0] + [block.num_rows for block in blocks]).tolist()
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started with spawn re-map the files instead of pickling the data.
+        return {**self.__dict__, "_blocks": None}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> Row:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        if self._blocks is None:
+            self._open()
+        index %= len(self)
+        block = bisect.bisect_right(self._starts, index) - 1
+        return self._blocks[block][index - self._starts[block]]
+
+
+class OnePassIterableDataset(IterableDataset):
+    """Streams row groups in order of the files, for data larger than a local cache.
+
+    The unit of work is a Parquet row group. Each epoch, all consumers draw the same seeded
+    permutation of row groups and consumer ``rank * num_workers + worker`` takes every
+    ``world_size * num_workers``-th one; rows are shuffled within a row group. Ranks thus get
+    whole row groups and their row counts can differ by up to one row group.
+
+    ``rank``/``world_size`` default to torch.distributed when it is initialised when iterating.
+    Under ``transformers.Trainer`` (accelerate), pass ``rank=0, world_size=1``: accelerate
+    shards iterable datasets itself.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if rank is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.files = resolve_shards(source)
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.epoch = 0
+        self._units: list[tuple[int, int, int]] = []  # (file, row group, first row in file)
+        for file_index, path in enumerate(self.files):
+            meta = pq.ParquetFile(path).metadata
+            first = 0
+            for group in range(meta.num_row_groups):
+                self._units.append((file_index, group, first))
+                first += meta.row_group(group).num_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the epoch's shuffle; call before iterating (DataLoader workers copy the dataset)."""
+        self.epoch = epoch
+
+    def _consumer(self) -> tuple[int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
+            world = torch.distributed.get_world_size() if distributed else 1
+        worker = get_worker_info()
+        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        return rank * workers + worker_id, world * workers
+
+    def __iter__(self) -> Iterator[Row]:
+        consumer, consumers = self._consumer()
+        order = np.arange(len(self._units))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        for unit in order[consumer::consumers]:
+            file_index, group, first_row = self._units[unit]
+            path = self.files[file_index]
+            table = pq.ParquetFile(path).read_row_group(group, columns=_READ)
+            validate_batch(table, path, first_row)
+            rows = _Rows(table.select(_KEEP).combine_chunks().to_batches()[0])
+            within = np.arange(rows.num_rows)
+            if self.shuffle:
+                within = np.random.default_rng([self.seed, self.epoch, int(unit)]).permutation(within)
+            for i in within:
+                yield rows[int(i)]
+
+
+def max_token_id(files: list[Path]) -> int:
+    """The largest token id in the shards."""
+    largest = -1
+    for path in files:
+        column = pq.read_table(path, columns=["input_ids"]).column("input_ids")
+        value = pc.max(pc.list_flatten(column)).as_py()
+        if value is not None:
+            largest = max(largest, value)
+    return largest
+
+
+def check_vocab_size(
+    model_or_config: Any, dataset: OnePassDataset | OnePassIterableDataset
+) -> None:
+    """Warn when the model cannot embed the data's largest token id (wrong model or tokenizer)."""
+    if hasattr(model_or_config, "get_input_embeddings"):
+        vocab = model_or_config.get_input_embeddings().num_embeddings
+    else:
+        config = model_or_config
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        vocab = config.vocab_size
+    largest = max_token_id(dataset.files)
+    if largest >= vocab:
+        warnings.warn(
+            f"the data holds token id {largest} but the model's vocabulary has {vocab} entries: "
+            "was the data converted with this model's tokenizer?",
+            stacklevel=2,
+        )

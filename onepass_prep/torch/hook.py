@@ -1,0 +1,84 @@
+"""Turning the collated structure into the model's ``attention_mask``, inside ``model(...)``.
+
+A forward pre-hook is the one place every training loop passes through: plain loops,
+``transformers.Trainer`` and TRL ``SFTTrainer`` all call ``model(**batch)``. The batch stays
+O(L) until the model's forward, and the L x L mask is built there, on the model's device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .collate import STRUCTURE_KEY
+from .masks import block_mask, bool_mask, float_mask
+
+MaskKind = Literal["float", "bool", "flex"]
+
+# What each attention implementation can take: eager adds the mask to the scores (a bool
+# mask would be added as 0/1, silently wrong); a 4D tensor under flex can crash.
+_ALLOWED: dict[str, tuple[MaskKind, ...]] = {
+    "sdpa": ("bool", "float"),
+    "eager": ("float",),
+    "flex_attention": ("flex",),
+}
+
+
+def _kind_for(model: nn.Module, kind: MaskKind | None) -> MaskKind:
+    implementation = model.config._attn_implementation
+    allowed = _ALLOWED.get(implementation)
+    if allowed is None:
+        raise ValueError(
+            f"attn_implementation {implementation!r} cannot take a tree mask; "
+            f"use one of {sorted(_ALLOWED)}"
+        )
+    if kind is None:
+        return allowed[0]
+    if kind not in allowed:
+        raise ValueError(f"a {kind!r} mask is wrong for attn_implementation {implementation!r}")
+    return kind
+
+
+def build_attention_mask(
+    model: nn.Module, subtree_end: torch.Tensor, kind: MaskKind | None = None
+) -> torch.Tensor | Any:
+    """The mask ``model`` needs for this batch, on the model's device and in its dtype."""
+    subtree_end = subtree_end.to(model.device, non_blocking=True)
+    chosen = _kind_for(model, kind)
+    if chosen == "flex":
+        return block_mask(subtree_end)
+    if chosen == "bool":
+        return bool_mask(subtree_end)
+    return float_mask(subtree_end, model.dtype)
+
+
+def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> RemovableHandle:
+    """Make ``model(**batch)`` build ``attention_mask`` from the collator's ``subtree_end``.
+
+    ``kind`` defaults to what the model's attention implementation takes (sdpa: bool, eager:
+    float, flex_attention: BlockMask), read at every call. Every call must carry
+    ``subtree_end`` and ``position_ids``: without a 4D mask transformers would read the
+    restarting position ids as packed documents and attend across branches. Call
+    ``.remove()`` on the returned handle to use the model normally again (e.g. generation).
+    """
+    _kind_for(model, kind)  # fail at install time on an impossible combination
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if STRUCTURE_KEY not in kwargs:
+            raise ValueError(
+                f"the mask hook needs '{STRUCTURE_KEY}' in the model's inputs (OnePassCollator "
+                "output); remove the hook to call the model on other inputs"
+            )
+        if kwargs.get("position_ids") is None:
+            raise ValueError("the mask hook needs the batch's position_ids (tree depths)")
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError("the batch already has an attention_mask; the hook builds it")
+        subtree_end = kwargs.pop(STRUCTURE_KEY)
+        kwargs["attention_mask"] = build_attention_mask(module, subtree_end, kind)
+        return args, kwargs
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
