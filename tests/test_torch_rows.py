@@ -15,11 +15,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from onepass_prep.torch.format import SCHEMA
 from onepass_prep.torch.validate import validate_batch
 
 IGNORE = -100
+
+
+@pytest.fixture(autouse=True)
+def no_onednn():
+    """oneDNN re-plans every new sequence length on CPU, which made tiny models 100x slower."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = enabled
 
 
 def token_parents(seg_lens: Sequence[int], seg_parents: Sequence[int]) -> list[int]:
