@@ -83,3 +83,7 @@ def summary_table(summary: ConvertSummary, out_dir: Path) -> Table:
     if summary.rejected:
         table.caption = f"rejected records and reasons: {out_dir / 'rejected.jsonl'}"
     return table
+
+
+if __name__ == "__main__":
+    app()

@@ -7,7 +7,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 QWEN_ALIAS = "qwen"
 
@@ -36,9 +36,13 @@ def qwen_tokenizer_dir() -> Path:
 
 
 def load_tokenizer(model: str, chat_template: Path | None = None) -> LoadedTokenizer:
-    """Load `model` (alias `qwen`, a local folder or a hub id); optionally swap its template."""
+    """Load `model` (alias `qwen`, a local folder or a hub id); optionally swap its template.
+
+    The generic fast-tokenizer class reads `tokenizer.json` as every model-specific class
+    does, without `AutoTokenizer`'s detour through model configs, which imports torch.
+    """
     source = qwen_tokenizer_dir() if model == QWEN_ALIAS else model
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source))
     if chat_template is not None:
         tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     if not isinstance(tokenizer.chat_template, str):

@@ -40,26 +40,29 @@ def n_pass_pairs(samples: list[tuple[list[int], int]]) -> Counter:
     return pairs
 
 
-def segment_of_tokens(seg_lens) -> np.ndarray:
-    return np.repeat(np.arange(len(seg_lens)), seg_lens)
+def segment_ancestors(seg_parents) -> np.ndarray:
+    """ancestor[s, a]: segment a is s or an ancestor of s, by following parents."""
+    count = len(seg_parents)
+    ancestor = np.zeros((count, count), dtype=bool)
+    for s in range(count):
+        a = s
+        while a != -1:
+            ancestor[s, a] = True
+            a = int(seg_parents[a])
+    return ancestor
+
+
+def visible_from(q: int, seg_lens, ancestor) -> np.ndarray:
+    """Indices of the tokens q may attend to: kv <= q in q's segment or an ancestor's."""
+    segment = np.repeat(np.arange(len(seg_lens)), seg_lens)
+    return np.flatnonzero(ancestor[segment[q], segment[: q + 1]])
 
 
 def dense_mask(seg_lens, seg_parents) -> np.ndarray:
-    """visible[q, kv] by the FORMAT.md rule, token by token, slowly and plainly."""
-    segment = segment_of_tokens(seg_lens)
-    length = len(segment)
-    ancestors = []
-    for s, parent in enumerate(seg_parents):
-        chain = {s}
-        while parent != -1:
-            chain.add(int(parent))
-            parent = seg_parents[parent]
-        ancestors.append(chain)
-    visible = np.zeros((length, length), dtype=bool)
-    for q in range(length):
-        for kv in range(q + 1):
-            visible[q, kv] = segment[kv] in ancestors[segment[q]]
-    return visible
+    """visible[q, kv] by the FORMAT.md rule."""
+    segment = np.repeat(np.arange(len(seg_lens)), seg_lens)
+    causal = np.tril(np.ones((len(segment), len(segment)), dtype=bool))
+    return segment_ancestors(seg_parents)[segment[:, None], segment[None, :]] & causal
 
 
 def one_pass_pairs(row: dict) -> Counter:
@@ -71,14 +74,14 @@ def one_pass_pairs(row: dict) -> Counter:
     ids = np.asarray(row["input_ids"])
     labels = np.asarray(row["labels"])
     positions = np.asarray(row["position_ids"])
-    spec = row["mask_spec"]
-    visible = dense_mask(spec["seg_lens"], spec["seg_parents"])
+    seg_lens = row["mask_spec"]["seg_lens"]
+    ancestor = segment_ancestors(row["mask_spec"]["seg_parents"])
     pairs = Counter()
     for j in np.flatnonzero(labels != -100):
         assert labels[j] == ids[j]
         assert j >= 1
-        context = np.flatnonzero(visible[j - 1])
+        context = visible_from(j - 1, seg_lens, ancestor)
         assert list(positions[context]) == list(range(len(context)))
-        assert list(np.flatnonzero(visible[j])) == list(context) + [j], "j-1 is not j's parent"
+        assert list(visible_from(j, seg_lens, ancestor)) == list(context) + [j], "j-1 is not j's parent"
         pairs[(tuple(ids[context].tolist()), int(ids[j]))] += 1
     return pairs
