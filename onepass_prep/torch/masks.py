@@ -8,6 +8,7 @@ this is the FORMAT.md rule "kv <= q and kv's segment is q's segment or an ancest
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -37,10 +38,21 @@ def tree_mask_mod(subtree_end: torch.Tensor) -> Callable:
     return mask_mod
 
 
-def block_mask(subtree_end: torch.Tensor, block_size: int = 128) -> BlockMask:
-    """FlexAttention ``BlockMask`` (heads broadcast) for ``attn_implementation="flex_attention"``."""
+@cache
+def _compiled_create_block_mask() -> Callable:
+    return torch.compile(create_block_mask)
+
+
+def block_mask(subtree_end: torch.Tensor, block_size: int = 128, compile: bool = True) -> BlockMask:
+    """FlexAttention ``BlockMask`` (heads broadcast) for ``attn_implementation="flex_attention"``.
+
+    Uncompiled, ``create_block_mask`` evaluates ``mask_mod`` on all L x L pairs at once;
+    compiled, it works block by block. Compiling costs seconds once, then once more when the
+    length first changes (shapes turn dynamic); new batches reuse the compiled code.
+    """
+    build = _compiled_create_block_mask() if compile else create_block_mask
     batch, length = subtree_end.shape
-    return create_block_mask(
+    return build(
         tree_mask_mod(subtree_end), batch, None, length, length,
         device=subtree_end.device, BLOCK_SIZE=block_size,
     )
