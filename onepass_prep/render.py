@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from onepass_prep.encode import PieceEncoder
 from onepass_prep.records import BadRecord, Conversation
 
 
@@ -38,6 +39,7 @@ class Renderer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, think_tags: tuple[str, str]):
         self.tokenizer = tokenizer
         self.think_tags = think_tags
+        self.encoder = PieceEncoder(tokenizer.backend_tokenizer)
         # Templates that know `reasoning_content` get it as a field; the others (e.g.
         # DeepSeek-R1's, which splits content on </think>) get it inline in `content`.
         self.inline_reasoning = "reasoning_content" not in tokenizer.chat_template
@@ -74,8 +76,7 @@ class Renderer:
     def samples(self, conversation: Conversation) -> list[Sample]:
         pairs = self.render_texts(conversation)
         flat = [text for pair in pairs for text in pair]
-        encoded = self.tokenizer.backend_tokenizer.encode_batch(flat, add_special_tokens=False)
-        ids = [np.asarray(encoding.ids, dtype=np.int32) for encoding in encoded]
+        ids = self.encoder.encode(flat)
         samples = []
         for prompt_ids, sample_ids in zip(ids[0::2], ids[1::2], strict=True):
             start = max(1, common_prefix_length(prompt_ids, sample_ids))

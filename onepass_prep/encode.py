@@ -1,0 +1,48 @@
+"""Tokenize the 2N renderings of a conversation at about the cost of tokenizing it once.
+
+The renderings share most of their text. A fast tokenizer first cuts its input at added
+tokens (`<|im_start|>`, `<think>`, …) and then tokenizes every piece in between on its
+own, so each distinct piece needs tokenizing once per conversation, and a rendering's ids
+are its pieces' ids joined. That equivalence needs added tokens that match raw text
+exactly (no lstrip/rstrip/single_word/normalized) and a pre-tokenizer that does not care
+where a piece sits in the input (no Metaspace); for any other tokenizer we tokenize every
+rendering whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+from tokenizers import Tokenizer
+
+
+class PieceEncoder:
+    def __init__(self, backend: Tokenizer):
+        self.backend = backend
+        spec = json.loads(backend.to_str())
+        added = spec.get("added_tokens") or []
+        self.piecewise = (
+            bool(added)
+            and not backend.encode_special_tokens
+            and "Metaspace" not in json.dumps(spec.get("pre_tokenizer"))
+            and not any(t["lstrip"] or t["rstrip"] or t["single_word"] or t["normalized"] for t in added)
+        )
+        self.added_ids = {token["content"]: token["id"] for token in added}
+        # Longest first: the leftmost-longest match the tokenizer itself makes.
+        contents = sorted(self.added_ids, key=len, reverse=True)
+        self.splitter = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if added else None
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        if not self.piecewise:
+            encoded = self.backend.encode_batch(texts, add_special_tokens=False)
+            return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encoded]
+        split_texts = [self.splitter.split(text) for text in texts]
+        distinct = list({piece for parts in split_texts for piece in parts[0::2] if piece})
+        encoded = self.backend.encode_batch(distinct, add_special_tokens=False)
+        ids = {piece: np.asarray(e.ids, dtype=np.int32) for piece, e in zip(distinct, encoded, strict=True)}
+        for token, token_id in self.added_ids.items():
+            ids[token] = np.asarray([token_id], dtype=np.int32)
+        ids[""] = np.zeros(0, dtype=np.int32)
+        return [np.concatenate([ids[piece] for piece in parts]) for parts in split_texts]
