@@ -5,8 +5,10 @@ wires them together and keeps the counts."""
 from __future__ import annotations
 
 import json
-from collections import Counter
+import multiprocessing
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from onepass_prep.shards import MANIFEST, REJECTED, ShardWriter, write_manifest
 from onepass_prep.tokenizer import load_tokenizer
 from onepass_prep.tree import Layout, layout_samples
 
-PACK_WINDOW = 1000  # conversations per best-fit-decreasing window
+BATCH_LINES = 64  # lines per unit of work
+BATCH_BYTES = 1 << 20
 
 
 class ConvertError(Exception):
@@ -33,6 +36,7 @@ class ConvertOptions:
     max_seq_len: int = 32768
     pack: bool = True
     rows_per_shard: int = 1000
+    num_proc: int = 1
     overwrite: bool = False
 
 
@@ -60,6 +64,15 @@ class ConvertSummary:
         return self.one_pass_tokens / capacity if capacity else 0.0
 
 
+@dataclass
+class Converted:
+    id: str
+    layout: Layout
+
+
+Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
+
+
 def layout_conversation(conversation: Conversation, renderer: Renderer, max_seq_len: int) -> Layout:
     samples = renderer.samples(conversation)
     if not any(sample.num_trained for sample in samples):
@@ -70,6 +83,75 @@ def layout_conversation(conversation: Conversation, renderer: Renderer, max_seq_
             "too-long", f"{len(layout)} one-pass tokens exceed --max-seq-len {max_seq_len}"
         )
     return layout
+
+
+def convert_lines(
+    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
+) -> list[Converted | Rejection]:
+    """One result per non-blank line, in order: the unit of work of a worker process."""
+    results: list[Converted | Rejection] = []
+    for source, line_number, raw in lines:
+        record = parse_line(raw, source, line_number, think_tags)
+        if record is None or isinstance(record, Rejection):
+            results += [record] if record else []
+            continue
+        try:
+            results.append(Converted(record.id, layout_conversation(record, renderer, max_seq_len)))
+        except BadRecord as error:
+            text = raw.decode("utf-8").rstrip("\r\n")
+            results.append(Rejection(source, line_number, record.id, error.kind, str(error), text))
+    return results
+
+
+_worker: dict = {}
+
+
+def _start_worker(model: str, chat_template: Path | None, think_tags: tuple[str, str], max_seq_len: int) -> None:
+    loaded = load_tokenizer(model, chat_template)
+    _worker.update(renderer=Renderer(loaded.tokenizer, think_tags), think_tags=think_tags, max_seq_len=max_seq_len)
+
+
+def _work(lines: list[Line]) -> list[Converted | Rejection]:
+    return convert_lines(lines, _worker["renderer"], _worker["think_tags"], _worker["max_seq_len"])
+
+
+def _batches(inputs: list[Path]) -> Iterator[list[Line]]:
+    """Lines in input order, a few hundred KB at a time."""
+    batch: list[Line] = []
+    size = 0
+    for path in inputs:
+        with open(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                batch.append((str(path), line_number, raw))
+                size += len(raw)
+                if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
+                    yield batch
+                    batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_results(
+    batches: Iterator[list[Line]], options: ConvertOptions, renderer: Renderer
+) -> Iterator[tuple[list[Line], list[Converted | Rejection]]]:
+    """Results in input order; with workers, a bounded number of batches in flight."""
+    if options.num_proc == 1:
+        for batch in batches:
+            yield batch, convert_lines(batch, renderer, options.think_tags, options.max_seq_len)
+        return
+    # spawn, not fork: the parent has threads (progress display, tokenizer pools).
+    context = multiprocessing.get_context("spawn")
+    initargs = (options.model, options.chat_template, options.think_tags, options.max_seq_len)
+    with ProcessPoolExecutor(options.num_proc, context, _start_worker, initargs) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(_work, batch)))
+            if len(pending) >= 4 * options.num_proc:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -88,25 +170,13 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         path.unlink()
 
 
-def _records(
-    inputs: list[Path], think_tags: tuple[str, str], progress: Callable[[int], None]
-) -> Iterator[Conversation | Rejection]:
-    for path in inputs:
-        with open(path, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                progress(len(raw))
-                record = parse_line(raw, str(path), line_number, think_tags)
-                if record is not None:
-                    yield record
-
-
 def convert(
     inputs: list[Path],
     out_dir: Path,
     options: ConvertOptions,
     progress: Callable[[int], None] = lambda _bytes: None,
 ) -> ConvertSummary:
-    """Convert `inputs` into `out_dir`; `progress` is called with each line's byte count."""
+    """Convert `inputs` into `out_dir`; `progress` is called with byte counts as lines finish."""
     for path in inputs:
         if not path.is_file():
             raise ConvertError(f"input file {path} does not exist")
@@ -118,26 +188,20 @@ def convert(
 
     with open(out_dir / REJECTED, "w", encoding="utf-8") as rejected:
 
-        def layouts() -> Iterator[tuple[str, Layout]]:
-            for record in _records(inputs, options.think_tags, progress):
-                summary.read += 1
-                if isinstance(record, Conversation):
-                    try:
-                        layout = layout_conversation(record, renderer, options.max_seq_len)
-                    except BadRecord as error:
-                        record = Rejection(
-                            record.source, record.line, record.id, error.kind, str(error),
-                            json.dumps({"id": record.id}),
-                        )
-                    else:
+        def converted() -> Iterator[tuple[str, Layout]]:
+            for batch, results in _ordered_results(_batches(inputs), options, renderer):
+                progress(sum(len(raw) for _, _, raw in batch))
+                for result in results:
+                    summary.read += 1
+                    if isinstance(result, Converted):
                         summary.written += 1
-                        yield record.id, layout
+                        yield result.id, result.layout
                         continue
-                summary.rejected += 1
-                summary.rejected_by_kind[record.kind] += 1
-                rejected.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+                    summary.rejected += 1
+                    summary.rejected_by_kind[result.kind] += 1
+                    rejected.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
 
-        for row in pack(layouts(), options.max_seq_len, PACK_WINDOW, options.pack):
+        for row in pack(converted(), options.max_seq_len, options.pack):
             writer.write(row)
             summary.rows += 1
             summary.one_pass_tokens += len(row)

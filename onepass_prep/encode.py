@@ -11,7 +11,6 @@ rendering whole.
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -21,15 +20,14 @@ from tokenizers import Tokenizer
 class PieceEncoder:
     def __init__(self, backend: Tokenizer):
         self.backend = backend
-        spec = json.loads(backend.to_str())
-        added = spec.get("added_tokens") or []
+        added = backend.get_added_tokens_decoder()
         self.piecewise = (
             bool(added)
             and not backend.encode_special_tokens
-            and "Metaspace" not in json.dumps(spec.get("pre_tokenizer"))
-            and not any(t["lstrip"] or t["rstrip"] or t["single_word"] or t["normalized"] for t in added)
+            and "Metaspace" not in repr(backend.pre_tokenizer)
+            and not any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added.values())
         )
-        self.added_ids = {token["content"]: token["id"] for token in added}
+        self.added_ids = {token.content: token_id for token_id, token in added.items()}
         # Longest first: the leftmost-longest match the tokenizer itself makes.
         contents = sorted(self.added_ids, key=len, reverse=True)
         self.splitter = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if added else None
