@@ -41,6 +41,7 @@ def convert_command(
     max_seq_len: int = typer.Option(32768, min=2, help="Longest row; longer conversations are rejected."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack several conversations into a row."),
     rows_per_shard: int = typer.Option(1000, min=1, help="Rows per Parquet shard."),
+    num_proc: int = typer.Option(1, min=1, help="Worker processes; the output does not depend on it."),
     overwrite: bool = typer.Option(False, help="Replace an earlier run's output in OUT."),
 ) -> None:
     """Convert chats into Parquet shards that train every turn exactly in one pass."""
@@ -51,6 +52,7 @@ def convert_command(
         max_seq_len=max_seq_len,
         pack=pack,
         rows_per_shard=rows_per_shard,
+        num_proc=num_proc,
         overwrite=overwrite,
     )
     total = sum(path.stat().st_size for path in inputs if path.is_file())
