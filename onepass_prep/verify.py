@@ -1,0 +1,285 @@
+"""`onepass-prep verify`: re-render every N-pass sample from the input and check the rows
+against the exactness contract of docs/FORMAT.md, in time linear in the tokens.
+
+Samples are rendered here with `apply_chat_template(..., tokenize=True)`, independently of
+the converter's `Renderer.samples`. A trained pair (context, target) is keyed by a
+polynomial hash of its context, the context's length and the target. For a sample, the
+hash of every prefix comes from one cumulative sum; for a row, a token's path hash is its
+parent's plus its own term, so both sides cost O(tokens). The contract then reads: the
+multiset of keys of labelled row tokens equals the multiset of keys of trained sample
+tokens. Four moduli near 2^31 make an accidental collision negligible (about 2^-120 per
+pair of different contexts of one length).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onepass_prep.records import Conversation, Rejection, read_jsonl
+from onepass_prep.render import Renderer
+from onepass_prep.shard_reader import (
+    IGNORE,
+    Run,
+    ShardError,
+    ShardRow,
+    iter_rows,
+    load_run_tokenizer,
+)
+
+MODULI = np.array([2147483647, 2147483629, 2147483587, 2147483563], np.int64)
+BASES = np.array([1103515245, 1664525013, 1987654321, 1234567891], np.int64)
+MAX_REPORTED = 10
+
+
+class Powers:
+    """BASES**i mod MODULI for i < n, grown by doubling (products stay below 2**62)."""
+
+    def __init__(self) -> None:
+        self.table = np.ones((len(MODULI), 1), np.int64)
+
+    def __call__(self, n: int) -> np.ndarray:
+        while self.table.shape[1] < n:
+            step = self.table[:, -1:] * BASES[:, None] % MODULI[:, None]
+            self.table = np.concatenate([self.table, self.table * step % MODULI[:, None]], axis=1)
+        return self.table[:, :n]
+
+
+def _terms(ids: np.ndarray, depths: np.ndarray, powers: Powers) -> np.ndarray:
+    """(id + 1) * BASE**depth mod p, per modulus and token."""
+    table = powers(int(depths.max()) + 1 if len(depths) else 1)
+    return (ids.astype(np.int64) + 1)[None, :] * table[:, depths] % MODULI[:, None]
+
+
+def keys(hashes: np.ndarray, lengths: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """One int64 key row per trained pair: two 62-bit hash words, context length, target."""
+    return np.stack(
+        [hashes[0] << 31 | hashes[1], hashes[2] << 31 | hashes[3], lengths, targets], axis=1
+    ).astype(np.int64)
+
+
+def sample_keys(ids: np.ndarray, start: int, powers: Powers) -> np.ndarray:
+    """Keys of a sample's trained tokens k >= start, each with the context ids[:k]."""
+    prefix = np.zeros((len(MODULI), len(ids) + 1), np.int64)
+    np.cumsum(_terms(ids, np.arange(len(ids)), powers), axis=1, out=prefix[:, 1:])
+    at = np.arange(start, len(ids))
+    return keys(prefix[:, at] % MODULI[:, None], at, ids[at])
+
+
+def row_keys(row: ShardRow, powers: Powers) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of a row's labelled tokens (context = the path to the token before), and the
+    labelled token indices. Needs a checked row: positions are tree depths."""
+    cumulative = np.cumsum(_terms(row.input_ids, row.position_ids, powers), axis=1)
+    path = np.empty_like(cumulative)  # hash of the root-to-token path, per token
+    ends = row.seg_starts + row.seg_lens
+    for segment, (start, end) in enumerate(zip(row.seg_starts.tolist(), ends.tolist(), strict=True)):
+        parent = int(row.seg_parents[segment])
+        offset = np.zeros((len(MODULI), 1), np.int64)
+        if parent >= 0:  # continue from the parent segment's last token
+            offset += path[:, ends[parent] - 1 : ends[parent]]
+        if start:
+            offset -= cumulative[:, start - 1 : start]
+        path[:, start:end] = (cumulative[:, start:end] + offset) % MODULI[:, None]
+    labelled = np.flatnonzero(row.labels != IGNORE)
+    return keys(path[:, labelled - 1], row.position_ids[labelled], row.input_ids[labelled]), labelled
+
+
+@dataclass
+class Expected:
+    """Where each expected key comes from, for reports."""
+
+    conversation: Conversation
+    message: int  # index of the assistant message in the messages
+    turn: int  # 1-based among the conversation's assistant messages
+    ids: np.ndarray
+    start: int
+
+
+@dataclass
+class VerifyReport:
+    conversations: int = 0
+    rejected_skipped: int = 0
+    samples: int = 0
+    pairs: int = 0
+    rows: int = 0
+    labelled: int = 0
+    problems: list[str] = field(default_factory=list)
+    problem_count: int = 0
+    model_check: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    def problem(self, text: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_REPORTED:
+            self.problems.append(text)
+
+
+def render_samples(tokenizer, messages: list[dict], tools) -> list[tuple[int, np.ndarray, int]]:
+    """(message index, ids, first trained position) per assistant message, per FORMAT.md."""
+    samples = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        full = tokenizer.apply_chat_template(
+            messages[: index + 1], tools=tools, tokenize=True, return_dict=False
+        )
+        prompt = tokenizer.apply_chat_template(
+            messages[:index], tools=tools, tokenize=True, add_generation_prompt=True,
+            return_dict=False,
+        )
+        full, prompt = np.asarray(full, np.int64), np.asarray(prompt, np.int64)
+        n = min(len(full), len(prompt))
+        differ = np.flatnonzero(full[:n] != prompt[:n])
+        samples.append((index, full, max(1, int(differ[0]) if differ.size else n)))
+    return samples
+
+
+def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -> VerifyReport:
+    loaded, same = load_run_tokenizer(run, model)
+    if not same:
+        raise ShardError(
+            f"tokenizer {loaded.name!r} (hash {loaded.hash[:12]}…) is not the one the run was "
+            f"converted with (hash {str(run.manifest['tokenizer'].get('hash'))[:12]}…); "
+            "verify needs the same tokenizer files and chat template"
+        )
+    report = VerifyReport()
+    powers = Powers()
+    expected = _expected(run, inputs, loaded.tokenizer, report)
+    expected_keys = [sample_keys(e.ids, e.start, powers) for e in expected]
+    report.samples = len(expected)
+    report.pairs = sum(len(k) for k in expected_keys)
+
+    row_ids: Counter = Counter()
+    row_key_parts, row_places = [], []
+    n_pass_tokens = 0
+    for row in iter_rows(run):
+        report.rows += 1
+        row_ids.update(row.conversation_ids)
+        n_pass_tokens += row.n_pass_tokens
+        found, labelled = row_keys(row, powers)
+        row_key_parts.append(found)
+        row_places.append(np.stack([np.full(len(labelled), row.number), labelled], axis=1))
+    report.labelled = sum(len(k) for k in row_key_parts)
+
+    wanted = Counter(e.conversation.id for e in expected if e.turn == 1)
+    wanted.update({c: 0 for c in row_ids})
+    for conversation_id, count in wanted.items():
+        if row_ids[conversation_id] != count:
+            report.problem(
+                f"conversation {conversation_id}: in {row_ids[conversation_id]} rows, expected {count}"
+            )
+    rendered_tokens = sum(len(e.ids) for e in expected)
+    if n_pass_tokens != rendered_tokens:
+        report.problem(
+            f"n_pass_tokens: the rows say {n_pass_tokens:,}, the re-rendered samples have {rendered_tokens:,}"
+        )
+    sample_places = [
+        np.stack([np.full(len(k), i), e.start + np.arange(len(k))], axis=1)
+        for i, (k, e) in enumerate(zip(expected_keys, expected, strict=True))
+    ]
+    missing, extra = multiset_difference(_stack(expected_keys, 4), _stack(row_key_parts, 4))
+    decode = loaded.tokenizer.decode
+    for sample, k in sorted(_stack(sample_places, 2)[missing].tolist()):
+        e = expected[sample]
+        report.problem(
+            f"conversation {e.conversation.id} ({e.conversation.source}:{e.conversation.line}), "
+            f"turn {e.turn} (message {e.message}), sample token {k} {decode([int(e.ids[k])])!r}: "
+            "not trained with exactly its context in any row"
+        )
+    targets = _stack(row_key_parts, 4)[:, 3]
+    places = _stack(row_places, 2)
+    for index in sorted(extra.tolist(), key=lambda i: places[i].tolist()):
+        number, j = places[index].tolist()
+        report.problem(
+            f"{_row_place(run, number)}, token {j} {decode([int(targets[index])])!r}: labelled, "
+            "but no N-pass sample trains this token with this context"
+        )
+    if model_check:
+        from onepass_prep.model_check import check_losses
+
+        if report.ok:
+            report.model_check = check_losses(run, expected, expected_keys, powers, report)
+        else:
+            report.model_check = "skipped: the rows do not match the samples"
+    return report
+
+
+def _expected(run: Run, inputs: list[Path], tokenizer, report: VerifyReport) -> list[Expected]:
+    """The N-pass samples of every input conversation the run did not reject."""
+    options = run.manifest.get("options", {})
+    think_tags = tuple(options.get("think_tags") or ("<think>", "</think>"))
+    renderer = Renderer(tokenizer, think_tags)
+    rejected = Counter((entry.get("id"), entry.get("line")) for entry in run.rejected())
+    read = unreadable = 0
+    expected = []
+    for path in inputs:
+        for record in read_jsonl(path, think_tags):
+            if record is None:
+                continue
+            read += 1
+            if isinstance(record, Rejection):
+                unreadable += 1
+                continue
+            if rejected[(record.id, record.line)] > 0:
+                rejected[(record.id, record.line)] -= 1
+                report.rejected_skipped += 1
+                continue
+            report.conversations += 1
+            messages = renderer.template_messages(record.messages)
+            try:
+                samples = render_samples(tokenizer, messages, record.tools)
+            except Exception as error:  # a template may raise anything
+                report.problem(
+                    f"conversation {record.id} ({record.source}:{record.line}): the chat template "
+                    f"fails ({type(error).__name__}: {error}) but the run did not reject it"
+                )
+                continue
+            for turn, (message, ids, start) in enumerate(samples, start=1):
+                expected.append(Expected(record, message, turn, ids, start))
+    counts = run.manifest.get("counts", {})
+    if counts.get("read") != read:
+        report.problem(f"the input holds {read} records, the run read {counts.get('read')}")
+    if counts.get("rejected") != unreadable + report.rejected_skipped:
+        report.problem(
+            f"{unreadable} unreadable and {report.rejected_skipped} rejected conversations "
+            f"match rejected.jsonl, the run rejected {counts.get('rejected')}"
+        )
+    return expected
+
+
+def _stack(parts: list[np.ndarray], width: int) -> np.ndarray:
+    return np.concatenate([np.zeros((0, width), np.int64), *parts]).astype(np.int64)
+
+
+def multiset_difference(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the rows of `left` and of `right` left over once equal rows are paired,
+    found by sorting both together: O(n log n), no per-row Python work unless unmatched."""
+    both = np.concatenate([left, right])
+    side = np.repeat([1, -1], [len(left), len(right)])
+    order = np.lexsort(both.T[::-1])
+    ordered = both[order]
+    starts = np.flatnonzero(np.concatenate([[True], (ordered[1:] != ordered[:-1]).any(axis=1)]))
+    bounds = np.append(starts, len(order))
+    balance = np.add.reduceat(side[order], starts) if len(order) else np.zeros(0, np.int64)
+    unmatched: dict[int, list[int]] = {1: [], -1: []}
+    for group in np.flatnonzero(balance).tolist():
+        members = order[bounds[group] : bounds[group + 1]]
+        surplus = int(balance[group])
+        sign = 1 if surplus > 0 else -1
+        unmatched[sign].extend(members[side[members] == sign][: abs(surplus)].tolist())
+    return np.asarray(unmatched[1], np.int64), np.asarray(unmatched[-1], np.int64) - len(left)
+
+
+def _row_place(run: Run, number: int) -> str:
+    offset = 0
+    for file, rows, _ in run.shards:
+        if number - run.first_row < offset + rows:
+            return f"row {number} ({file}: row {number - run.first_row - offset})"
+        offset += rows
+    return f"row {number}"
