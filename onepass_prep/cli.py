@@ -87,5 +87,117 @@ def summary_table(summary: ConvertSummary, out_dir: Path) -> Table:
     return table
 
 
+def _open(path: Path, model: str | None):
+    """The run, its tokenizer, and a warning line if the tokenizer is not the recorded one."""
+    from onepass_prep.shard_reader import load_run_tokenizer, open_run
+
+    run = open_run(path)
+    loaded, same = load_run_tokenizer(run, model)
+    if not same:
+        console.print(f"[yellow]warning:[/yellow] tokenizer {loaded.name!r} differs from the one in the manifest")
+    return run, loaded
+
+
+def _token_range(value: str, length: int) -> tuple[int, int]:
+    start, _, end = value.partition(":")
+    try:
+        bounds = int(start), int(end)
+    except ValueError:
+        raise typer.BadParameter("expected START:END, e.g. 100:140") from None
+    if not 0 <= bounds[0] < bounds[1] <= length:
+        raise typer.BadParameter(f"expected 0 <= START < END <= {length}")
+    return bounds
+
+
+@app.command("inspect")
+def inspect_command(
+    path: Path = typer.Argument(..., help="An output folder or one of its shards."),
+    row: int = typer.Option(0, min=0, help="Row number within the run (or within the shard given)."),
+    tokens: str | None = typer.Option(None, help="START:END: token-level detail for this range."),
+    png: Path | None = typer.Option(None, help="Also write the whole mask as a PNG picture."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Tokenizer to decode with, instead of the manifest's."),
+) -> None:
+    """Show one row: its segment tree with roles and text, and its attention mask."""
+    from onepass_prep.shard_reader import ShardError, read_row
+    from onepass_prep.view import RowView, header, mask_text, segment_tree, token_table
+
+    out = Console()
+    try:
+        run, loaded = _open(path, model)
+        view = RowView.build(read_row(run, run.first_row + row), loaded.tokenizer)
+        out.print(header(view, run.manifest.get("options", {}).get("max_seq_len")))
+        if tokens is not None:
+            out.print(token_table(view, *_token_range(tokens, len(view.row))))
+        else:
+            out.print(segment_tree(view, out.width))
+            out.print(mask_text(view, out.width))
+        if png is not None:
+            from onepass_prep.picture import save_mask_picture
+
+            width, height = save_mask_picture(view, png)
+            out.print(f"wrote {png} ({width}x{height})")
+    except ShardError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+
+
+
+@app.command("stats")
+def stats_command(
+    path: Path = typer.Argument(..., help="An output folder or one of its shards."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Rows, conversations, turns, lengths, and tokens and attention work one-pass vs N-pass."""
+    import json
+
+    from onepass_prep.shard_reader import ShardError, open_run
+    from onepass_prep.stats import compute_stats, stats_json, stats_view
+
+    try:
+        stats = compute_stats(open_run(path))
+    except ShardError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(stats_json(stats), indent=2))
+    else:
+        out = Console()
+        out.print(stats_view(stats, out.width))
+
+
+
+@app.command("verify")
+def verify_command(
+    path: Path = typer.Argument(..., help="An output folder or one of its shards."),
+    inputs: list[Path] = typer.Option(..., "--input", "-i", exists=True, dir_okay=False, help="The JSONL the run was converted from (repeat for several)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Tokenizer to use instead of the manifest's name; its hash must match."),
+    model_check: bool = typer.Option(False, help="Also compare per-token losses of a tiny random Qwen3 (needs torch)."),
+) -> None:
+    """Re-render the N-pass samples and check every row against them: exit 0 only if exact."""
+    from onepass_prep.shard_reader import ShardError, open_run
+    from onepass_prep.verify import verify
+
+    out = Console()
+    try:
+        report = verify(open_run(path), inputs, model, model_check)
+    except ShardError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    out.print(
+        f"{report.conversations:,} conversations ({report.rejected_skipped:,} rejected by the run, "
+        f"not checked), {report.samples:,} N-pass samples, {report.pairs:,} trained pairs; "
+        f"{report.rows:,} rows, {report.labelled:,} labelled tokens"
+    )
+    if report.model_check:
+        out.print(f"model check: {report.model_check}")
+    if report.ok:
+        out.print("[green]OK[/green]: every trained pair appears exactly once, nothing else is labelled")
+        return
+    out.print(f"[red]MISMATCH[/red]: {report.problem_count:,} problems; the first {len(report.problems)}:")
+    for problem in report.problems:
+        out.print(f"  {problem}", highlight=False, markup=False)
+    raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()
