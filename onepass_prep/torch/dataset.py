@@ -32,9 +32,9 @@ _KEEP = ["input_ids", "position_ids", "labels", "mask_spec"]
 
 
 class _Rows:
-    """Zero-copy numpy views of one record batch, sliced into rows on demand."""
+    """Numpy views (zero-copy where Arrow allows) of a batch, sliced into rows on demand."""
 
-    def __init__(self, batch: pa.RecordBatch) -> None:
+    def __init__(self, batch: pa.RecordBatch | pa.Table) -> None:
         self.parts = {name: list_parts(array) for name, array in list_columns(batch).items()}
         self.num_rows = batch.num_rows
 
@@ -184,7 +184,7 @@ class OnePassIterableDataset(IterableDataset):
             path = self.files[file_index]
             table = pq.ParquetFile(path).read_row_group(group, columns=_READ)
             validate_batch(table, path, first_row)
-            rows = _Rows(table.select(_KEEP).combine_chunks().to_batches()[0])
+            rows = _Rows(table)
             within = np.arange(rows.num_rows)
             if self.shuffle:
                 within = np.random.default_rng([self.seed, self.epoch, int(unit)]).permutation(within)

@@ -7,10 +7,11 @@ O(L) until the model's forward, and the L x L mask is built there, on the model'
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.hooks import RemovableHandle
 
 from .collate import STRUCTURE_KEY
@@ -44,7 +45,7 @@ def _kind_for(model: nn.Module, kind: MaskKind | None) -> MaskKind:
 
 def build_attention_mask(
     model: nn.Module, subtree_end: torch.Tensor, kind: MaskKind | None = None
-) -> torch.Tensor | Any:
+) -> torch.Tensor | BlockMask:
     """The mask ``model`` needs for this batch, on the model's device and in its dtype."""
     subtree_end = subtree_end.to(model.device, non_blocking=True)
     chosen = _kind_for(model, kind)

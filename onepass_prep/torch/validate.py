@@ -37,7 +37,9 @@ def list_columns(batch: pa.RecordBatch | pa.Table) -> dict[str, pa.Array]:
 
 
 def validate_batch(batch: pa.RecordBatch | pa.Table, path: Path | str, first_row: int) -> None:
-    """Raise FormatError naming ``path`` and the first broken row (counted within the file)."""
+    """Raise FormatError naming ``path`` and a broken row (counted from 0 within the file).
+
+    ``first_row`` is the file row number of the batch's first row."""
     _Checker(batch, path, first_row).run()
 
 
