@@ -133,3 +133,11 @@ def test_flex_attention_forward_equals_sdpa_with_dense_mask() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_masks_are_built_on_the_structures_device() -> None:
+    """No host round trip: the meta device has no data, so any .cpu()/.numpy() would fail."""
+    _, batch = random_batch(2, rows=2, multiple=8)
+    structure = batch["subtree_end"].to("meta")
+    assert bool_mask(structure).device.type == "meta"
+    assert float_mask(structure, torch.float16).device.type == "meta"
