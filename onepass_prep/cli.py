@@ -193,7 +193,7 @@ def verify_command(
     if report.ok:
         out.print("[green]OK[/green]: every trained pair appears exactly once, nothing else is labelled")
         return
-    out.print(f"[red]MISMATCH[/red]: {report.problem_count:,} problems; the first {len(report.problems)}:")
+    out.print(f"[red]MISMATCH[/red]: {report.problem_count:,} problems; shown: {len(report.problems)}")
     for problem in report.problems:
         out.print(f"  {problem}", highlight=False, markup=False)
     raise typer.Exit(1)

@@ -114,9 +114,9 @@ class VerifyReport:
     def ok(self) -> bool:
         return self.problem_count == 0
 
-    def problem(self, text: str) -> None:
+    def problem(self, text: str, show: bool = True) -> None:
         self.problem_count += 1
-        if len(self.problems) < MAX_REPORTED:
+        if show and len(self.problems) < MAX_REPORTED:
             self.problems.append(text)
 
 
@@ -185,20 +185,23 @@ def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -
     ]
     missing, extra = multiset_difference(_stack(expected_keys, 4), _stack(row_key_parts, 4))
     decode = loaded.tokenizer.decode
-    for sample, k in sorted(_stack(sample_places, 2)[missing].tolist()):
+    share = MAX_REPORTED // 2 if len(missing) and len(extra) else MAX_REPORTED  # show both sides
+    for shown, (sample, k) in enumerate(sorted(_stack(sample_places, 2)[missing].tolist())):
         e = expected[sample]
         report.problem(
             f"conversation {e.conversation.id} ({e.conversation.source}:{e.conversation.line}), "
             f"turn {e.turn} (message {e.message}), sample token {k} {decode([int(e.ids[k])])!r}: "
-            "not trained with exactly its context in any row"
+            "not trained with exactly its context in any row",
+            show=shown < share,
         )
     targets = _stack(row_key_parts, 4)[:, 3]
     places = _stack(row_places, 2)
-    for index in sorted(extra.tolist(), key=lambda i: places[i].tolist()):
+    for shown, index in enumerate(sorted(extra.tolist(), key=lambda i: places[i].tolist())):
         number, j = places[index].tolist()
         report.problem(
             f"{_row_place(run, number)}, token {j} {decode([int(targets[index])])!r}: labelled, "
-            "but no N-pass sample trains this token with this context"
+            "but no N-pass sample trains this token with this context",
+            show=shown < share,
         )
     if model_check:
         from onepass_prep.model_check import check_losses

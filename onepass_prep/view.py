@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from rich.cells import cell_len, set_cell_size
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -42,12 +43,12 @@ def escape(text: str) -> str:
 
 
 def snippet(text: str, limit: int) -> str:
-    """The text escaped, cut in the middle to at most `limit` characters (at least 20)."""
+    """The text escaped, cut in the middle to at most `limit` terminal cells (at least 20)."""
     text, limit = escape(text), max(20, limit)
-    if len(text) <= limit:
+    if cell_len(text) <= limit:
         return text
     tail = limit // 3
-    return text[: limit - tail - 3] + " … " + text[-tail:]
+    return set_cell_size(text, limit - tail - 3) + " … " + set_cell_size(text[::-1], tail)[::-1]
 
 
 def header(view: RowView, max_seq_len: int | None) -> Text:
