@@ -90,7 +90,7 @@ def test_trainers_over_unpacked_output_follow_n_pass_run(converted, kind: str, t
     folder = converted["unpacked"]
     assert _conversation_ids(folder) == [[c] for c in CHOSEN]  # one conversation per row, in input order
     compare_runs(
-        kind, folder, converted["chats"], tiny_qwen3, tmp_path, OnePassCollator(),
+        kind, folder, converted["chats"], tiny_qwen3, tmp_path, OnePassCollator(pad_to_multiple_of=16),
         converted["tokenizer"],
     )
 
