@@ -43,8 +43,8 @@ def mask_picture(view: RowView) -> Image.Image:
     draw = ImageDraw.Draw(image)
     draw.text(
         (LEFT, 8),
-        f"{row.file.name} row {row.index}: {len(row):,} tokens, {len(row.seg_lens)} segments, "
-        f"1 cell = {grid.block}x{grid.block} tokens",
+        f"{row.file.name} row {row.index} ({_names(row.conversation_ids)}): {len(row):,} tokens, "
+        f"{len(row.seg_lens)} segments, 1 cell = {grid.block}x{grid.block} tokens",
         fill=TEXT, font=font,
     )
     draw.text((LEFT, 30), "key ->", fill=TEXT, font=font)
@@ -70,6 +70,10 @@ def save_mask_picture(view: RowView, path: Path) -> tuple[int, int]:
     image = mask_picture(view)
     image.save(path, format="PNG")
     return image.size
+
+
+def _names(ids: list[str]) -> str:
+    return ", ".join(ids) if len(ids) <= 3 else f"{ids[0]}, … {len(ids)} conversations"
 
 
 def _cell_colours(grid) -> np.ndarray:
