@@ -159,6 +159,15 @@ def test_sdpa_float_and_bool_masks_agree() -> None:
     torch.testing.assert_close(as_float, as_bool, rtol=1e-5, atol=1e-5)
 
 
+def test_hook_is_installed_once() -> None:
+    model = tiny_model("qwen3", "sdpa")
+    handle = install_mask_hook(model)
+    with pytest.raises(ValueError, match="already installed"):
+        install_mask_hook(model)
+    handle.remove()
+    install_mask_hook(model)
+
+
 def test_hook_refuses_attention_without_tree_masks() -> None:
     model = tiny_model("qwen3", "sdpa")
     model.config._attn_implementation = "flash_attention_2"

@@ -66,6 +66,8 @@ def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> Removab
     ``.remove()`` on the returned handle to use the model normally again (e.g. generation).
     """
     _kind_for(model, kind)  # fail at install time on an impossible combination
+    if any(getattr(h, "onepass_mask_hook", False) for h in model._forward_pre_hooks.values()):
+        raise ValueError("a mask hook is already installed on this model (the second would fail)")
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if STRUCTURE_KEY not in kwargs:
@@ -81,5 +83,6 @@ def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> Removab
         kwargs["attention_mask"] = build_attention_mask(module, subtree_end, kind)
         return args, kwargs
 
+    hook.onepass_mask_hook = True
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
