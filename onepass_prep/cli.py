@@ -188,6 +188,8 @@ def verify_command(
         f"not checked), {report.samples:,} N-pass samples, {report.pairs:,} trained pairs; "
         f"{report.rows:,} rows, {report.labelled:,} labelled tokens"
     )
+    if report.partial:
+        out.print("one shard of the run: only the conversations in its rows are checked")
     if report.model_check:
         out.print(f"model check: {report.model_check}")
     if report.ok:

@@ -63,7 +63,11 @@ def token_roles(row: ShardRow, tool_markers: list[tuple[list[int], list[int]]]) 
 
 
 def marker_ids(tokenizer) -> list[tuple[list[int], list[int]]]:
-    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    """TOOL_MARKERS as token ids, for `token_roles`."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
     return [(encode(open_), encode(close)) for open_, close in TOOL_MARKERS]
 
 

@@ -38,6 +38,7 @@ class Run:
     manifest: dict
     shards: list[tuple[Path, int, int]]  # (file, rows, tokens) as the manifest lists them
     first_row: int  # run-wide number of the first row of the first shard read
+    whole: bool  # every shard of the run is read
 
     @property
     def num_rows(self) -> int:
@@ -139,12 +140,13 @@ def open_run(path: Path) -> Run:
     except (KeyError, TypeError, ValueError):
         raise ShardError(f"{folder / MANIFEST}: 'shards' is not a list of file/rows/tokens") from None
     if path.is_dir():
-        return Run(folder, manifest, listed, 0)
+        return Run(folder, manifest, listed, 0, whole=True)
     names = [file.name for file, _, _ in listed]
     if path.name not in names:
         raise ShardError(f"{path}: not listed in {folder / MANIFEST}")
     index = names.index(path.name)
-    return Run(folder, manifest, [listed[index]], sum(rows for _, rows, _ in listed[:index]))
+    first = sum(rows for _, rows, _ in listed[:index])
+    return Run(folder, manifest, [listed[index]], first, whole=len(listed) == 1)
 
 
 def read_manifest(folder: Path) -> dict:

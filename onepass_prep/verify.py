@@ -109,6 +109,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     problem_count: int = 0
     model_check: str | None = None
+    partial: bool = False  # one shard of several: only its conversations are checked
 
     @property
     def ok(self) -> bool:
@@ -141,6 +142,7 @@ def render_samples(tokenizer, messages: list[dict], tools) -> list[tuple[int, np
 
 
 def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -> VerifyReport:
+    """Check the run's rows (or one shard's) against the samples of the input."""
     loaded, same = load_run_tokenizer(run, model)
     if not same:
         raise ShardError(
@@ -148,61 +150,14 @@ def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -
             f"converted with (hash {str(run.manifest['tokenizer'].get('hash'))[:12]}…); "
             "verify needs the same tokenizer files and chat template"
         )
-    report = VerifyReport()
-    powers = Powers()
-    expected = _expected(run, inputs, loaded.tokenizer, report)
+    report, powers = VerifyReport(partial=not run.whole), Powers()
+    seen = _read_rows(run, powers, report)
+    expected = _expected(run, inputs, loaded.tokenizer, report, None if run.whole else set(seen.ids))
     expected_keys = [sample_keys(e.ids, e.start, powers) for e in expected]
     report.samples = len(expected)
     report.pairs = sum(len(k) for k in expected_keys)
-
-    row_ids: Counter = Counter()
-    row_key_parts, row_places = [], []
-    n_pass_tokens = 0
-    for row in iter_rows(run):
-        report.rows += 1
-        row_ids.update(row.conversation_ids)
-        n_pass_tokens += row.n_pass_tokens
-        found, labelled = row_keys(row, powers)
-        row_key_parts.append(found)
-        row_places.append(np.stack([np.full(len(labelled), row.number), labelled], axis=1))
-    report.labelled = sum(len(k) for k in row_key_parts)
-
-    wanted = Counter(e.conversation.id for e in expected if e.turn == 1)
-    wanted.update({c: 0 for c in row_ids})
-    for conversation_id, count in wanted.items():
-        if row_ids[conversation_id] != count:
-            report.problem(
-                f"conversation {conversation_id}: in {row_ids[conversation_id]} rows, expected {count}"
-            )
-    rendered_tokens = sum(len(e.ids) for e in expected)
-    if n_pass_tokens != rendered_tokens:
-        report.problem(
-            f"n_pass_tokens: the rows say {n_pass_tokens:,}, the re-rendered samples have {rendered_tokens:,}"
-        )
-    sample_places = [
-        np.stack([np.full(len(k), i), e.start + np.arange(len(k))], axis=1)
-        for i, (k, e) in enumerate(zip(expected_keys, expected, strict=True))
-    ]
-    missing, extra = multiset_difference(_stack(expected_keys, 4), _stack(row_key_parts, 4))
-    decode = loaded.tokenizer.decode
-    share = MAX_REPORTED // 2 if len(missing) and len(extra) else MAX_REPORTED  # show both sides
-    for shown, (sample, k) in enumerate(sorted(_stack(sample_places, 2)[missing].tolist())):
-        e = expected[sample]
-        report.problem(
-            f"conversation {e.conversation.id} ({e.conversation.source}:{e.conversation.line}), "
-            f"turn {e.turn} (message {e.message}), sample token {k} {decode([int(e.ids[k])])!r}: "
-            "not trained with exactly its context in any row",
-            show=shown < share,
-        )
-    targets = _stack(row_key_parts, 4)[:, 3]
-    places = _stack(row_places, 2)
-    for shown, index in enumerate(sorted(extra.tolist(), key=lambda i: places[i].tolist())):
-        number, j = places[index].tolist()
-        report.problem(
-            f"{_row_place(run, number)}, token {j} {decode([int(targets[index])])!r}: labelled, "
-            "but no N-pass sample trains this token with this context",
-            show=shown < share,
-        )
+    _check_bookkeeping(expected, seen, report)
+    _check_pairs(run, expected, expected_keys, seen, loaded.tokenizer.decode, report)
     if model_check:
         from onepass_prep.model_check import check_losses
 
@@ -213,8 +168,77 @@ def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -
     return report
 
 
-def _expected(run: Run, inputs: list[Path], tokenizer, report: VerifyReport) -> list[Expected]:
-    """The N-pass samples of every input conversation the run did not reject."""
+@dataclass
+class SeenRows:
+    ids: Counter  # conversation ids over the rows
+    keys: np.ndarray  # one key per labelled token
+    places: np.ndarray  # (row number, token index) per key
+    n_pass_tokens: int
+
+
+def _read_rows(run: Run, powers: Powers, report: VerifyReport) -> SeenRows:
+    ids: Counter = Counter()
+    keys_parts, places, n_pass_tokens = [], [], 0
+    for row in iter_rows(run):
+        report.rows += 1
+        ids.update(row.conversation_ids)
+        n_pass_tokens += row.n_pass_tokens
+        found, labelled = row_keys(row, powers)
+        keys_parts.append(found)
+        places.append(np.stack([np.full(len(labelled), row.number), labelled], axis=1))
+    report.labelled = sum(len(k) for k in keys_parts)
+    return SeenRows(ids, _stack(keys_parts, 4), _stack(places, 2), n_pass_tokens)
+
+
+def _check_bookkeeping(expected: list[Expected], seen: SeenRows, report: VerifyReport) -> None:
+    """Each expected conversation in exactly one row, and n_pass_tokens as rendered."""
+    wanted = Counter(e.conversation.id for e in expected if e.turn == 1)
+    for conversation_id in sorted(set(wanted) | set(seen.ids)):
+        if seen.ids[conversation_id] != wanted[conversation_id]:
+            report.problem(
+                f"conversation {conversation_id}: in {seen.ids[conversation_id]} rows, "
+                f"expected {wanted[conversation_id]}"
+            )
+    rendered = sum(len(e.ids) for e in expected)
+    if seen.n_pass_tokens != rendered:
+        report.problem(
+            f"n_pass_tokens: the rows say {seen.n_pass_tokens:,}, the re-rendered samples have {rendered:,}"
+        )
+
+
+def _check_pairs(run, expected, expected_keys, seen: SeenRows, decode, report) -> None:
+    """The exactness contract: report unmatched keys of both sides, the first of each."""
+    sample_places = _stack(
+        [
+            np.stack([np.full(len(k), i), e.start + np.arange(len(k))], axis=1)
+            for i, (k, e) in enumerate(zip(expected_keys, expected, strict=True))
+        ],
+        2,
+    )
+    missing, extra = multiset_difference(_stack(expected_keys, 4), seen.keys)
+    share = MAX_REPORTED // 2 if len(missing) and len(extra) else MAX_REPORTED
+    for shown, (sample, k) in enumerate(sorted(sample_places[missing].tolist())):
+        e = expected[sample]
+        report.problem(
+            f"conversation {e.conversation.id} ({e.conversation.source}:{e.conversation.line}), "
+            f"turn {e.turn} (message {e.message}), sample token {k} {decode([int(e.ids[k])])!r}: "
+            "not trained with exactly its context in any row",
+            show=shown < share,
+        )
+    for shown, index in enumerate(sorted(extra.tolist(), key=lambda i: seen.places[i].tolist())):
+        number, j = seen.places[index].tolist()
+        report.problem(
+            f"{_row_place(run, number)}, token {j} {decode([int(seen.keys[index, 3])])!r}: "
+            "labelled, but no N-pass sample trains this token with this context",
+            show=shown < share,
+        )
+
+
+def _expected(
+    run: Run, inputs: list[Path], tokenizer, report: VerifyReport, only: set[str] | None
+) -> list[Expected]:
+    """The N-pass samples of every input conversation the run did not reject (of those
+    with an id in `only`, when only some shards are read)."""
     options = run.manifest.get("options", {})
     think_tags = tuple(options.get("think_tags") or ("<think>", "</think>"))
     renderer = Renderer(tokenizer, think_tags)
@@ -228,6 +252,8 @@ def _expected(run: Run, inputs: list[Path], tokenizer, report: VerifyReport) -> 
             read += 1
             if isinstance(record, Rejection):
                 unreadable += 1
+                continue
+            if only is not None and record.id not in only:
                 continue
             if rejected[(record.id, record.line)] > 0:
                 rejected[(record.id, record.line)] -= 1
@@ -246,6 +272,8 @@ def _expected(run: Run, inputs: list[Path], tokenizer, report: VerifyReport) -> 
             for turn, (message, ids, start) in enumerate(samples, start=1):
                 expected.append(Expected(record, message, turn, ids, start))
     counts = run.manifest.get("counts", {})
+    if only is not None:  # the run-wide counts cover shards not read
+        return expected
     if counts.get("read") != read:
         report.problem(f"the input holds {read} records, the run read {counts.get('read')}")
     if counts.get("rejected") != unreadable + report.rejected_skipped:

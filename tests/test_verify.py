@@ -177,7 +177,15 @@ def test_input_that_is_not_the_converted_one(tmp_path):
     result = verify(converted("packed"), source=subset)
     assert result.exit_code == 1
     assert "the input holds 8 records, the run read 36" in result.output
-    assert "conversation tools-001: in 1 rows, expected 0" in result.output
+    assert "conversation chat-001: in 1 rows, expected 0" in result.output
+
+
+def test_verify_one_shard_checks_its_conversations():
+    out = converted("two-shards", "--no-pack", "--rows-per-shard", "20")
+    result = verify(out / "part-00001.parquet")
+    assert result.exit_code == 0, result.output
+    assert "16 conversations" in result.output and "16 rows" in result.output
+    assert "one shard of the run: only the conversations in its rows are checked" in result.output
 
 
 def test_verify_without_model_check_does_not_import_torch():
