@@ -113,7 +113,7 @@ def _token_range(value: str, length: int) -> tuple[int, int]:
 def inspect_command(
     path: Path = typer.Argument(..., help="An output folder or one of its shards."),
     row: int = typer.Option(0, min=0, help="Row number within the run (or within the shard given)."),
-    tokens: str | None = typer.Option(None, help="START:END: token-level detail for this range."),
+    tokens: str | None = typer.Option(None, help="START:END (e.g. 100:140): a table of these tokens instead of the tree and mask."),
     png: Path | None = typer.Option(None, help="Also write the whole mask as a PNG picture."),
     model: str | None = typer.Option(None, "--model", "-m", help="Tokenizer to decode with, instead of the manifest's."),
 ) -> None:
