@@ -31,13 +31,19 @@ TOOLS = [
 ]
 
 
-def _text(rng: random.Random, low_tokens: int, high_tokens: int) -> str:
+def _scaled_text(rng: random.Random, low_tokens: float, high_tokens: float) -> str:
     words = max(1, int(rng.uniform(low_tokens, high_tokens) / 1.3))
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def conversation(rng: random.Random, index: int, turns: int | None = None) -> dict:
-    """One chat; reasoning alternates between inline think tags and `reasoning_content`."""
+def conversation(rng: random.Random, index: int, turns: int | None = None, scale: float = 1.0) -> dict:
+    """One chat; reasoning alternates between inline think tags and `reasoning_content`.
+
+    `scale` shrinks every text length (for quick training and memory runs)."""
+
+    def _text(rng: random.Random, low: float, high: float) -> str:
+        return _scaled_text(rng, low * scale, high * scale)
+
     with_tools = rng.random() < 0.25
     messages = [{"role": "system", "content": _text(rng, 10, 60)}] if rng.random() < 0.5 else []
     for _ in range(turns or rng.randint(1, 10)):
@@ -64,14 +70,16 @@ def conversation(rng: random.Random, index: int, turns: int | None = None) -> di
     return record
 
 
-def conversations(count: int, seed: int = 0, turns: int | None = None) -> Iterator[dict]:
+def conversations(
+    count: int, seed: int = 0, turns: int | None = None, scale: float = 1.0
+) -> Iterator[dict]:
     rng = random.Random(seed)
     for index in range(count):
-        yield conversation(rng, index, turns)
+        yield conversation(rng, index, turns, scale)
 
 
-def write(path: Path, count: int, seed: int = 0, turns: int | None = None) -> Path:
+def write(path: Path, count: int, seed: int = 0, turns: int | None = None, scale: float = 1.0) -> Path:
     with open(path, "w", encoding="utf-8") as handle:
-        for record in conversations(count, seed, turns):
+        for record in conversations(count, seed, turns, scale):
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
