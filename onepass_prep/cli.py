@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from onepass_prep.convert import ConvertError, ConvertOptions, ConvertSummary, convert
+from onepass_prep.convert import ConvertError, ConvertOptions, ConvertSummary, StrictError, convert
 
 app = typer.Typer(
     help="Exact one-pass training data for multi-turn reasoning chats.",
@@ -43,8 +43,15 @@ def convert_command(
     rows_per_shard: int = typer.Option(1000, min=1, help="Rows per Parquet shard."),
     num_proc: int = typer.Option(1, min=1, help="Worker processes; the output does not depend on it."),
     overwrite: bool = typer.Option(False, help="Replace an earlier run's output in OUT."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in OUT where it stopped."),
+    strict: bool = typer.Option(False, help="Stop at the first record that cannot be converted."),
 ) -> None:
-    """Convert chats into Parquet shards that train every turn exactly in one pass."""
+    """Convert chats into Parquet shards that train every turn exactly in one pass.
+
+    Exit status: 0 done (records that could not be converted are in OUT/rejected.jsonl),
+    1 the run could not be done (input, output folder, tokenizer), 2 bad usage,
+    3 --strict met a bad record, 130 interrupted (continue with --resume).
+    """
     options = ConvertOptions(
         model=model,
         chat_template=chat_template,
@@ -54,6 +61,8 @@ def convert_command(
         rows_per_shard=rows_per_shard,
         num_proc=num_proc,
         overwrite=overwrite,
+        resume=resume,
+        strict=strict,
     )
     total = sum(path.stat().st_size for path in inputs if path.is_file())
     columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
@@ -61,9 +70,15 @@ def convert_command(
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("convert", total=total)
             summary = convert(inputs, out_dir, options, lambda size: progress.advance(task, size))
+    except StrictError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3) from None
     except ConvertError as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print(f"interrupted: continue with the same command and --resume (output: {out_dir})")
+        raise typer.Exit(130) from None
     console.print(summary_table(summary, out_dir))
 
 

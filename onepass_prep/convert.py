@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from onepass_prep import FORMAT_VERSION, __version__
+from onepass_prep.checkpoint import Checkpoint, RunError, SyncPoint
 from onepass_prep.pack import pack
 from onepass_prep.records import BadRecord, Conversation, Rejection, parse_line
 from onepass_prep.render import Renderer
-from onepass_prep.shards import MANIFEST, REJECTED, ShardWriter, write_manifest
+from onepass_prep.shards import REJECTED, ShardWriter, write_manifest
 from onepass_prep.tokenizer import load_tokenizer
 from onepass_prep.tree import Layout, layout_samples
 
@@ -38,6 +39,8 @@ class ConvertOptions:
     rows_per_shard: int = 1000
     num_proc: int = 1
     overwrite: bool = False
+    resume: bool = False
+    strict: bool = False
 
 
 @dataclass
@@ -68,6 +71,8 @@ class ConvertSummary:
 class Converted:
     id: str
     layout: Layout
+    source: str
+    line: int
 
 
 Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
@@ -96,7 +101,8 @@ def convert_lines(
             results += [record] if record else []
             continue
         try:
-            results.append(Converted(record.id, layout_conversation(record, renderer, max_seq_len)))
+            layout = layout_conversation(record, renderer, max_seq_len)
+            results.append(Converted(record.id, layout, source, line_number))
         except BadRecord as error:
             text = raw.decode("utf-8").rstrip("\r\n")
             results.append(Rejection(source, line_number, record.id, error.kind, str(error), text))
@@ -115,13 +121,19 @@ def _work(lines: list[Line]) -> list[Converted | Rejection]:
     return convert_lines(lines, _worker["renderer"], _worker["think_tags"], _worker["max_seq_len"])
 
 
-def _batches(inputs: list[Path]) -> Iterator[list[Line]]:
-    """Lines in input order, a few hundred KB at a time."""
+def _batches(
+    inputs: list[Path], first_file: int, first_line: int, skipped: Callable[[int], None]
+) -> Iterator[list[Line]]:
+    """Lines in input order from (first_file, first_line), about a megabyte at a time."""
     batch: list[Line] = []
     size = 0
-    for path in inputs:
+    for index, path in enumerate(inputs[first_file:], start=first_file):
+        start = first_line if index == first_file else 1
         with open(path, "rb") as handle:
             for line_number, raw in enumerate(handle, start=1):
+                if line_number < start:
+                    skipped(len(raw))
+                    continue
                 batch.append((str(path), line_number, raw))
                 size += len(raw)
                 if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
@@ -142,7 +154,8 @@ def _ordered_results(
     # spawn, not fork: the parent has threads (progress display, tokenizer pools).
     context = multiprocessing.get_context("spawn")
     initargs = (options.model, options.chat_template, options.think_tags, options.max_seq_len)
-    with ProcessPoolExecutor(options.num_proc, context, _start_worker, initargs) as pool:
+    pool = ProcessPoolExecutor(options.num_proc, context, _start_worker, initargs)
+    try:
         pending: deque = deque()
         for batch in batches:
             pending.append((batch, pool.submit(_work, batch)))
@@ -152,22 +165,26 @@ def _ordered_results(
         while pending:
             done, future = pending.popleft()
             yield done, future.result()
+    finally:  # on an interruption too: do not wait for work nobody will read
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into a folder that holds anything, unless told to."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ours = [
-        path
-        for path in out_dir.iterdir()
-        if path.name.startswith(("part-", MANIFEST, REJECTED)) and path.is_file()
-    ]
-    others = [path for path in out_dir.iterdir() if path not in ours]
-    if others or (ours and not overwrite):
-        hint = "" if others else " (pass --overwrite to replace it)"
-        raise ConvertError(f"output folder {out_dir} is not empty{hint}")
-    for path in ours:
-        path.unlink()
+class StrictError(ConvertError):
+    """--strict met a record it could not convert."""
+
+
+def _fingerprint(options: ConvertOptions, inputs: list[Path], tokenizer_hash: str) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    values = _option_values(options)
+    for free in ("overwrite", "resume", "num_proc", "strict"):
+        values.pop(free)
+    stats = [path.stat() for path in inputs]
+    return {
+        "options": values,
+        "inputs": [[str(p), st.st_size, st.st_mtime_ns] for p, st in zip(inputs, stats, strict=True)],
+        "tokenizer": tokenizer_hash,
+        "tool_version": __version__,
+    }
 
 
 def convert(
@@ -180,43 +197,84 @@ def convert(
     for path in inputs:
         if not path.is_file():
             raise ConvertError(f"input file {path} does not exist")
+    if len({path.resolve() for path in inputs}) != len(inputs):
+        raise ConvertError("an input file is given twice")
     loaded = load_tokenizer(options.model, options.chat_template)
     renderer = Renderer(loaded.tokenizer, options.think_tags)
-    prepare_out_dir(out_dir, options.overwrite)
+    try:
+        run = Checkpoint.start(
+            out_dir, _fingerprint(options, inputs, loaded.hash), options.overwrite, options.resume
+        )
+    except RunError as error:
+        raise ConvertError(str(error)) from None
     summary = ConvertSummary(max_seq_len=options.max_seq_len)
-    writer = ShardWriter(out_dir, options.rows_per_shard)
+    _restore_counts(summary, run.sync.counts)
+    writer = ShardWriter(out_dir, options.rows_per_shard, run.shards, run.save)
+    file_index = {str(path): index for index, path in enumerate(inputs)}
+    position = (run.sync.file, run.sync.line)
 
-    with open(out_dir / REJECTED, "w", encoding="utf-8") as rejected:
+    with open(out_dir / REJECTED, "ab") as rejected:
 
         def converted() -> Iterator[tuple[str, Layout]]:
-            for batch, results in _ordered_results(_batches(inputs), options, renderer):
+            nonlocal position
+            batches = _batches(inputs, run.sync.file, run.sync.line, progress)
+            for batch, results in _ordered_results(batches, options, renderer):
                 progress(sum(len(raw) for _, _, raw in batch))
                 for result in results:
+                    position = (file_index[result.source], result.line + 1)
                     summary.read += 1
                     if isinstance(result, Converted):
                         summary.written += 1
                         yield result.id, result.layout
                         continue
+                    if options.strict:
+                        raise StrictError(f"{result.source}:{result.line}: {result.reason}")
                     summary.rejected += 1
                     summary.rejected_by_kind[result.kind] += 1
-                    rejected.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+                    rejected.write((json.dumps(result.to_json(), ensure_ascii=False) + "\n").encode())
 
-        for row in pack(converted(), options.max_seq_len, options.pack):
-            writer.write(row)
-            summary.rows += 1
-            summary.one_pass_tokens += len(row)
-            summary.n_pass_tokens += row.n_pass_tokens
-            summary.trained_tokens += int((row.labels != -100).sum())
+        for group in pack(converted(), options.max_seq_len, options.pack):
+            for row in group:
+                summary.rows += 1
+                summary.one_pass_tokens += len(row)
+                summary.n_pass_tokens += row.n_pass_tokens
+                summary.trained_tokens += int((row.labels != -100).sum())
+                if run.skip_rows:
+                    run.skip_rows -= 1  # already in a shard the interrupted run completed
+                else:
+                    writer.write(row)
+            rejected.flush()
+            run.sync = SyncPoint(*position, summary.rows, rejected.tell(), _counts(summary))
     shards = writer.close()
     summary.shards = len(shards)
     write_manifest(out_dir, _manifest(loaded, options, inputs, shards, summary))
+    run.finish()
     return summary
 
 
+COUNTED = ("read", "written", "rejected", "rows", "one_pass_tokens", "n_pass_tokens", "trained_tokens")
+
+
+def _counts(summary: ConvertSummary) -> dict:
+    counts = {name: getattr(summary, name) for name in COUNTED}
+    counts["rejected_by_kind"] = dict(summary.rejected_by_kind)
+    return counts
+
+
+def _restore_counts(summary: ConvertSummary, counts: dict) -> None:
+    for name in COUNTED:
+        setattr(summary, name, counts.get(name, 0))
+    summary.rejected_by_kind.update(counts.get("rejected_by_kind", {}))
+
+
+def _option_values(options: ConvertOptions) -> dict:
+    values = asdict(options)
+    values["chat_template"] = str(options.chat_template) if options.chat_template else None
+    values["think_tags"] = list(options.think_tags)
+    return values
+
+
 def _manifest(loaded, options, inputs, shards, summary: ConvertSummary) -> dict:
-    option_values = asdict(options)
-    option_values["chat_template"] = str(options.chat_template) if options.chat_template else None
-    option_values["think_tags"] = list(options.think_tags)
     return {
         "format": "onepass-prep",
         "format_version": FORMAT_VERSION,
@@ -226,7 +284,7 @@ def _manifest(loaded, options, inputs, shards, summary: ConvertSummary) -> dict:
             "hash": loaded.hash,
             "chat_template": loaded.tokenizer.chat_template,
         },
-        "options": option_values,
+        "options": _option_values(options),
         "inputs": [str(path) for path in inputs],
         "shards": shards,
         "counts": {

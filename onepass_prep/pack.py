@@ -70,11 +70,17 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(items: Iterable[tuple[str, Layout]], max_len: int, enabled: bool = True) -> Iterator[Row]:
-    """Rows in a deterministic order; with `enabled` False, one conversation per row."""
+def pack(
+    items: Iterable[tuple[str, Layout]], max_len: int, enabled: bool = True
+) -> Iterator[list[Row]]:
+    """Rows in a deterministic order, in groups that use up every item taken so far.
+
+    The end of a group is a point where no item is held back (see checkpoint.py). With
+    `enabled` False, each conversation is a row and a group of its own.
+    """
     if not enabled:
         for item in items:
-            yield join([item])
+            yield [join([item])]
         return
     buffer: list[tuple[str, Layout]] = []
     buffered = 0
@@ -82,11 +88,12 @@ def pack(items: Iterable[tuple[str, Layout]], max_len: int, enabled: bool = True
         buffer.append(item)
         buffered += len(item[1])
         if buffered >= WINDOW_ROWS * max_len:
-            yield from _flush(buffer, max_len)
+            yield _flush(buffer, max_len)
             buffer, buffered = [], 0
-    yield from _flush(buffer, max_len)
+    if buffer:
+        yield _flush(buffer, max_len)
 
 
-def _flush(buffer: list[tuple[str, Layout]], max_len: int) -> Iterator[Row]:
-    for group in best_fit_decreasing([len(layout) for _, layout in buffer], max_len):
-        yield join([buffer[index] for index in group])
+def _flush(buffer: list[tuple[str, Layout]], max_len: int) -> list[Row]:
+    bins = best_fit_decreasing([len(layout) for _, layout in buffer], max_len)
+    return [join([buffer[index] for index in group]) for group in bins]

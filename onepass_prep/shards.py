@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,23 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
 
 
 class ShardWriter:
-    """Cuts a stream of rows into shards of `rows_per_shard` rows."""
+    """Cuts a stream of rows into shards of `rows_per_shard` rows.
 
-    def __init__(self, out_dir: Path, rows_per_shard: int):
+    `shards` lists shards an earlier, interrupted run completed; `on_shard` hears of each
+    shard as soon as it is complete under its final name.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        rows_per_shard: int,
+        shards: list[dict] | None = None,
+        on_shard: Callable[[list[dict]], None] = lambda _shards: None,
+    ):
         self.out_dir = out_dir
         self.rows_per_shard = rows_per_shard
-        self.shards: list[dict] = []
+        self.shards: list[dict] = list(shards or [])
+        self.on_shard = on_shard
         self._pending: list[Row] = []
         self._writer: pq.ParquetWriter | None = None
         self._rows = self._tokens = 0
@@ -108,6 +120,7 @@ class ShardWriter:
         os.replace(self._temporary_path(), self.out_dir / name)
         self.shards.append({"file": name, "rows": self._rows, "tokens": self._tokens})
         self._rows = self._tokens = 0
+        self.on_shard(self.shards)
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
