@@ -112,7 +112,7 @@ def convert_lines(
 _worker: dict = {}
 
 
-def _start_worker(model: str, chat_template: Path | None, think_tags: tuple[str, str], max_seq_len: int) -> None:
+def _start_worker(model: str, chat_template: str | None, think_tags: tuple[str, str], max_seq_len: int) -> None:
     loaded = load_tokenizer(model, chat_template)
     _worker.update(renderer=Renderer(loaded.tokenizer, think_tags), think_tags=think_tags, max_seq_len=max_seq_len)
 
@@ -153,7 +153,7 @@ def _ordered_results(
         return
     # spawn, not fork: the parent has threads (progress display, tokenizer pools).
     context = multiprocessing.get_context("spawn")
-    initargs = (options.model, options.chat_template, options.think_tags, options.max_seq_len)
+    initargs = (options.model, renderer.tokenizer.chat_template, options.think_tags, options.max_seq_len)
     pool = ProcessPoolExecutor(options.num_proc, context, _start_worker, initargs)
     try:
         pending: deque = deque()
@@ -199,7 +199,8 @@ def convert(
             raise ConvertError(f"input file {path} does not exist")
     if len({path.resolve() for path in inputs}) != len(inputs):
         raise ConvertError("an input file is given twice")
-    loaded = load_tokenizer(options.model, options.chat_template)
+    template = options.chat_template.read_text(encoding="utf-8") if options.chat_template else None
+    loaded = load_tokenizer(options.model, template)
     renderer = Renderer(loaded.tokenizer, options.think_tags)
     try:
         run = Checkpoint.start(

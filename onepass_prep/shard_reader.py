@@ -8,7 +8,6 @@ file and row named instead of being drawn, counted or verified as if it were fin
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -216,10 +215,7 @@ def load_run_tokenizer(run: Run, model: str | None = None) -> tuple[LoadedTokeni
     if not isinstance(name, str) or not isinstance(template, str):
         raise ShardError(f"{run.folder / MANIFEST}: no tokenizer name and chat template recorded")
     try:
-        with tempfile.TemporaryDirectory() as folder:  # load_tokenizer takes a template file
-            template_file = Path(folder) / "chat_template.jinja"
-            template_file.write_text(template, encoding="utf-8")
-            loaded = load_tokenizer(name, template_file)
+        loaded = load_tokenizer(name, template)
     except (OSError, ValueError) as error:
         raise ShardError(f"cannot load tokenizer {name!r} ({error}); pass --model") from None
     return loaded, loaded.hash == recorded.get("hash")

@@ -35,8 +35,9 @@ def qwen_tokenizer_dir() -> Path:
     return folder
 
 
-def load_tokenizer(model: str, chat_template: Path | None = None) -> LoadedTokenizer:
-    """Load `model` (alias `qwen`, a local folder or a hub id); optionally swap its template.
+def load_tokenizer(model: str, chat_template: str | None = None) -> LoadedTokenizer:
+    """Load `model` (alias `qwen`, a local folder or a hub id); `chat_template` (Jinja text)
+    replaces its template.
 
     The generic fast-tokenizer class reads `tokenizer.json` as every model-specific class
     does, without `AutoTokenizer`'s detour through model configs, which imports torch.
@@ -44,7 +45,7 @@ def load_tokenizer(model: str, chat_template: Path | None = None) -> LoadedToken
     source = qwen_tokenizer_dir() if model == QWEN_ALIAS else model
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source))
     if chat_template is not None:
-        tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+        tokenizer.chat_template = chat_template
     if not isinstance(tokenizer.chat_template, str):
         raise ValueError(
             f"tokenizer {model!r} has no single chat template; pass --chat-template FILE"

@@ -35,7 +35,7 @@ def convert_sample(sample_path, out, *extra):
 
 
 def reference_pairs(path, template):
-    renderer = Renderer(load_tokenizer("qwen", template).tokenizer, THINK)
+    renderer = Renderer(load_tokenizer("qwen", template and template.read_text()).tokenizer, THINK)
     tokenizer = reference_tokenizer(template)
     pairs, tokens = None, 0
     for record in read_jsonl(path, THINK):
@@ -70,7 +70,7 @@ def test_sample_data_is_exact(tmp_path, sample_path, template):
     one_pass_tokens = sum(row["num_tokens"] for row in rows)
     if template == "keep_reasoning.jinja":
         # Every sample extends the previous one: the row is the last sample, nothing more.
-        renderer = Renderer(load_tokenizer("qwen", template_path).tokenizer, THINK)
+        renderer = Renderer(load_tokenizer("qwen", template_path and template_path.read_text()).tokenizer, THINK)
         last = [renderer.samples(c)[-1].input_ids for c in read_jsonl(sample_path, THINK)]
         assert one_pass_tokens == sum(len(ids) for ids in last)
     else:
@@ -143,7 +143,7 @@ def cached_tokenizers(template):
     """(the converter's tokenizer, the reference AutoTokenizer) for a template."""
     if template not in _tokenizers:
         path = TEMPLATES / template if template else None
-        _tokenizers[template] = (load_tokenizer("qwen", path), reference_tokenizer(path))
+        _tokenizers[template] = (load_tokenizer("qwen", path and path.read_text()), reference_tokenizer(path))
     return _tokenizers[template]
 
 

@@ -32,7 +32,7 @@ def template_options(template: str) -> tuple[str, ...]:
 def reference_samples(template: str) -> dict[str, list[tuple[list[int], int]]]:
     """Each sample conversation's N-pass samples, rendered without the converter."""
     path = TEMPLATE_FILES[template]
-    renderer = Renderer(load_tokenizer("qwen", path).tokenizer, THINK)
+    renderer = Renderer(load_tokenizer("qwen", path and path.read_text()).tokenizer, THINK)
     tokenizer = reference_tokenizer(path)
     return {
         chat.id: n_pass_samples(renderer.template_messages(chat.messages), chat.tools, tokenizer)
