@@ -128,14 +128,13 @@ class PrefixTree:
         if shared == length:
             return
         attach = self._cut(path, shared)
-        branch_start = shared
         if shared >= train_start and attach.labelled_child is not None:
             # A copy of the branch-point token gives this branch a parent of its own.
             attach = self._cut(path, shared - 1)
             copy = Node(index, shared - 1, shared, copy=True)
             attach.children.append(copy)
             attach = copy
-        self._add_branch(attach, index, branch_start, train_start, length)
+        self._add_branch(attach, index, shared, train_start, length)
 
     def _add_branch(self, attach: Node, index: int, start: int, train_start: int, end: int) -> None:
         if start < train_start:
