@@ -1,4 +1,5 @@
-"""Torch runtime for onepass-prep shards: datasets, collator, tree attention masks, model hook.
+"""Torch runtime for onepass-prep shards: datasets, collator, tree attention masks, model hook,
+mask-free tree attention.
 
 Imports torch, numpy and pyarrow only. See docs/training.md.
 """
@@ -8,11 +9,14 @@ from .dataset import OnePassDataset, OnePassIterableDataset, check_vocab_size, m
 from .format import FORMAT_VERSION, FormatError
 from .hook import MaskKind, build_attention_mask, install_mask_hook
 from .masks import block_mask, bool_mask, float_mask, tree_mask_mod
+from .tree_attention import PLAN_KEY, TREE_ATTENTION, register_tree_attention, tree_plan
 from .validate import validate_batch
 
 __all__ = [
     "FORMAT_VERSION",
     "STRUCTURE_KEY",
+    "PLAN_KEY",
+    "TREE_ATTENTION",
     "FormatError",
     "MaskKind",
     "OnePassCollator",
@@ -25,6 +29,8 @@ __all__ = [
     "float_mask",
     "install_mask_hook",
     "max_token_id",
+    "register_tree_attention",
     "tree_mask_mod",
+    "tree_plan",
     "validate_batch",
 ]

@@ -2,12 +2,13 @@
 
 A forward pre-hook is the one place every training loop passes through: plain loops,
 ``transformers.Trainer`` and TRL ``SFTTrainer`` all call ``model(**batch)``. The batch stays
-O(L) until the model's forward, and the L x L mask is built there, on the model's device.
+O(L) until the model's forward, and the L x L mask is built there, on the model's device
+(or, for tree attention, the O(L) chain plan that replaces the mask).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -16,8 +17,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .collate import STRUCTURE_KEY
 from .masks import block_mask, bool_mask, float_mask
+from .tree_attention import PLAN_KEY, TREE_ATTENTION, register_tree_attention, tree_plan
 
-MaskKind = Literal["float", "bool", "flex"]
+MaskKind = Literal["float", "bool", "flex", "tree"]
 
 # What each attention implementation can take: eager adds the mask to the scores (a bool
 # mask would be added as 0/1, silently wrong); a 4D tensor under flex can crash.
@@ -25,6 +27,7 @@ _ALLOWED: dict[str, tuple[MaskKind, ...]] = {
     "sdpa": ("bool", "float"),
     "eager": ("float",),
     "flex_attention": ("flex",),
+    TREE_ATTENTION: ("tree",),
 }
 
 
@@ -49,6 +52,8 @@ def build_attention_mask(
     """The mask ``model`` needs for this batch, on the model's device and in its dtype."""
     subtree_end = subtree_end.to(model.device, non_blocking=True)
     chosen = _kind_for(model, kind)
+    if chosen == "tree":
+        raise ValueError(f"tree attention takes no mask: pass {PLAN_KEY}=tree_plan(subtree_end)")
     if chosen == "flex":
         return block_mask(subtree_end)
     if chosen == "bool":
@@ -56,18 +61,30 @@ def build_attention_mask(
     return float_mask(subtree_end, model.dtype)
 
 
+def _structure_inputs(model: nn.Module, subtree_end: torch.Tensor, kind: MaskKind | None) -> dict[str, Any]:
+    if _kind_for(model, kind) == "tree":
+        return {PLAN_KEY: tree_plan(subtree_end.to(model.device, non_blocking=True))}
+    return {"attention_mask": build_attention_mask(model, subtree_end, kind)}
+
+
 def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> RemovableHandle:
     """Make ``model(**batch)`` build ``attention_mask`` from the collator's ``subtree_end``.
 
     ``kind`` defaults to what the model's attention implementation takes (sdpa: bool, eager:
-    float, flex_attention: BlockMask), read at every call. Every call must carry
+    float, flex_attention: BlockMask), read at every call. ``kind="tree"`` switches the model to
+    ``attn_implementation="onepass_tree"`` (tree_attention.py: no L x L mask, work on the visible
+    pairs only) and passes the chain plan instead of a mask. Every call must carry
     ``subtree_end`` and ``position_ids``: without a 4D mask transformers would read the
     restarting position ids as packed documents and attend across branches. Call
-    ``.remove()`` on the returned handle to use the model normally again (e.g. generation).
+    ``.remove()`` on the returned handle to use the model normally again (e.g. generation; after
+    ``kind="tree"`` also set another attention implementation).
     """
-    _kind_for(model, kind)  # fail at install time on an impossible combination
     if any(getattr(h, "onepass_mask_hook", False) for h in model._forward_pre_hooks.values()):
         raise ValueError("a mask hook is already installed on this model (the second would fail)")
+    if kind == "tree":
+        register_tree_attention()
+        model.set_attn_implementation(TREE_ATTENTION)
+    _kind_for(model, kind)  # fail at install time on an impossible combination
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if STRUCTURE_KEY not in kwargs:
@@ -79,8 +96,7 @@ def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> Removab
             raise ValueError("the mask hook needs the batch's position_ids (tree depths)")
         if kwargs.get("attention_mask") is not None:
             raise ValueError("the batch already has an attention_mask; the hook builds it")
-        subtree_end = kwargs.pop(STRUCTURE_KEY)
-        kwargs["attention_mask"] = build_attention_mask(module, subtree_end, kind)
+        kwargs.update(_structure_inputs(module, kwargs.pop(STRUCTURE_KEY), kind))
         return args, kwargs
 
     hook.onepass_mask_hook = True

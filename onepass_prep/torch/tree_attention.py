@@ -1,0 +1,152 @@
+"""Exact tree attention without an L x L mask: one small attention call per chain of tokens.
+
+Read in row order, token ``j + 1`` is the child of token ``j`` unless ``j`` is a leaf
+(``subtree_end[j] == j``, see masks.py). So a row splits into *chains*, each ending at a leaf.
+The queries of a chain see the chain causally and, before it, the chain's *context*: the
+ancestors of its first token, every one of them visible to the whole chain. Attending over
+context + chain per chain costs about the visible (q, kv) pairs, with no L x L tensor and
+no work on the pairs a dense mask would hide. A row has one chain per leaf, so per layer
+this makes about one call per N-pass sample.
+
+Tokens that see only themselves (padding, single-token trees) output their own value: a
+softmax over one key is 1, so that is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TREE_ATTENTION = "onepass_tree"
+PLAN_KEY = "onepass_tree_plan"
+
+SpanKind = Literal["causal", "self"]
+
+
+@dataclass(frozen=True)
+class TreePlan:
+    """Which keys each span of queries attends to, over the batch flattened to ``B * L`` tokens.
+
+    Spans cover the flattened tokens in order. Span ``i`` has ``query_sizes[i]`` queries and
+    attends to the next ``key_sizes[i]`` entries of ``keys`` (flat token indices) through
+    ``masks[i]``: a bool ``[queries, keys]`` mask, ``"causal"`` (a chain with no context) or
+    ``"self"`` (tokens that see only themselves). Built once per forward, used by every layer.
+    """
+
+    shape: tuple[int, int]
+    keys: torch.Tensor
+    query_sizes: list[int]
+    key_sizes: list[int]
+    masks: list[torch.Tensor | SpanKind]
+
+
+def tree_plan(subtree_end: torch.Tensor) -> TreePlan:
+    """The chains of every row of a collated ``subtree_end`` ``[B, L]``, on its device."""
+    ends = subtree_end.cpu().numpy()
+    batch, length = ends.shape
+    position = np.arange(length)
+    keys: list[np.ndarray] = []
+    query_sizes: list[int] = []
+    key_sizes: list[int] = []
+    masks: list[torch.Tensor | SpanKind] = []
+    for b, row in enumerate(ends):
+        leaf = row == position
+        seen_before = np.maximum.accumulate(np.concatenate([[-1], row[:-1]]))
+        alone = leaf & (seen_before < position)  # a leaf with no ancestor sees only itself
+        chain_start = np.concatenate([[True], leaf[:-1]])
+        run_inside = alone & np.concatenate([[False], alone[:-1]])
+        starts = np.flatnonzero(chain_start & ~run_inside)
+        path: list[tuple[int, int]] = []  # token ranges from a root down to the last chain
+        for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), length], strict=True):
+            queries = np.arange(start, stop)
+            if alone[start]:
+                keys.append(queries + b * length)
+                query_sizes.append(stop - start)
+                key_sizes.append(stop - start)
+                masks.append("self")
+                continue
+            # The context is the prefix of the path whose tokens are still seen at `start`;
+            # subtree_end never grows going down a path, so it is a prefix.
+            while path and row[path[-1][0]] < start:
+                path.pop()
+            if path:
+                first, last = path[-1]
+                path[-1] = (first, first + int(np.count_nonzero(row[first:last] >= start)))
+            visible = np.concatenate([*(np.arange(*r) for r in path), queries])
+            keys.append(visible + b * length)
+            query_sizes.append(stop - start)
+            key_sizes.append(len(visible))
+            if path:  # the FORMAT rule, kv <= q <= subtree_end[kv], on this chain's pairs
+                q, kv = queries[:, None], visible[None, :]
+                mask = torch.from_numpy((kv <= q) & (q <= row[kv]))
+                masks.append(mask.to(subtree_end.device))
+            else:
+                masks.append("causal")
+            path.append((start, stop))
+    flat_keys = torch.from_numpy(np.concatenate(keys)).to(subtree_end.device)
+    return TreePlan((batch, length), flat_keys, query_sizes, key_sizes, masks)
+
+
+def _flat(states: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[1, H, B * L, D]``: rows one after another, as the plan counts."""
+    batch, heads, length, dim = states.shape
+    return states.transpose(0, 1).reshape(1, heads, batch * length, dim)
+
+
+def tree_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: ``[B, H, L, D]`` in, ``[B, L, H, D]`` out (GQA allowed).
+
+    Reads the tree from ``kwargs[PLAN_KEY]`` (the mask hook puts it there) and refuses
+    anything it would otherwise silently ignore: a missing plan, a mask, dropout, a window.
+    """
+    plan: TreePlan | None = kwargs.get(PLAN_KEY)
+    batch, heads, length, dim = query.shape
+    if plan is None:
+        raise ValueError(
+            f"{TREE_ATTENTION!r} attention needs '{PLAN_KEY}' in the model call: use "
+            f"install_mask_hook(model, kind='tree'), or set another attn_implementation"
+        )
+    if plan.shape != (batch, length):
+        raise ValueError(f"tree plan is for batch x length {plan.shape}, the call has {(batch, length)}")
+    if attention_mask is not None:
+        raise ValueError(f"{TREE_ATTENTION!r} attention takes its tree from the plan, not a mask")
+    if dropout or kwargs.get("sliding_window") is not None:
+        raise ValueError(f"{TREE_ATTENTION!r} attention has no attention dropout or sliding window")
+    groups = heads // key.shape[1]
+    gathered_keys = _flat(key).index_select(2, plan.keys).split(plan.key_sizes, 2)
+    gathered_values = _flat(value).index_select(2, plan.keys).split(plan.key_sizes, 2)
+    outputs = []
+    for q, k, v, mask in zip(_flat(query).split(plan.query_sizes, 2), gathered_keys, gathered_values, plan.masks, strict=True):
+        if isinstance(mask, torch.Tensor):
+            outputs.append(F.scaled_dot_product_attention(q, k, v, mask, scale=scaling, enable_gqa=True))
+        elif mask == "causal":
+            outputs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True))
+        else:
+            outputs.append(v.repeat_interleave(groups, 1))
+    out = torch.cat(outputs, 2).view(heads, batch, length, dim)
+    return out.permute(1, 2, 0, 3), None
+
+
+def register_tree_attention() -> None:
+    """Make ``attn_implementation="onepass_tree"`` known to transformers (imported only here).
+
+    Under a name transformers has no mask function for, ``create_causal_mask`` returns None
+    before it looks at position ids, so no mask (and no packed-document guess) is built.
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(TREE_ATTENTION, tree_attention)
