@@ -22,6 +22,7 @@ from test_torch_masks import dense_reference
 from test_torch_rows import no_onednn, random_row  # noqa: F401 (autouse fixture)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import onepass_prep.torch.tree_attention as tree_attention_module
 from onepass_prep.torch import (
     PLAN_KEY,
     TREE_ATTENTION,
@@ -48,9 +49,12 @@ def plan_as_dense(subtree_end: torch.Tensor) -> torch.Tensor:
     batch, length = subtree_end.shape
     dense = torch.zeros(batch * length, batch * length, dtype=torch.bool)
     first = 0
-    for keys, size, mask in zip(plan.keys.split(plan.key_sizes), plan.query_sizes, plan.masks, strict=True):
-        if isinstance(mask, str):
-            mask = torch.ones(size, size, dtype=torch.bool).tril() if mask == "causal" else torch.eye(size, dtype=torch.bool)
+    spans = zip(plan.keys.split(plan.key_sizes), plan.query_sizes, plan.masks, strict=True)
+    for keys, size, mask in spans:
+        if mask == "causal":
+            mask = torch.ones(size, size, dtype=torch.bool).tril()
+        elif mask == "self":
+            mask = torch.eye(size, dtype=torch.bool)
         queries = torch.arange(first, first + size)
         assert not dense[queries[:, None], keys].any()  # every key appears once per query
         dense[queries[:, None], keys] = mask
@@ -62,8 +66,15 @@ def plan_as_dense(subtree_end: torch.Tensor) -> torch.Tensor:
     return blocks[same_row]
 
 
+@pytest.fixture(params=[2, 256], ids=["piece2", "piece256"])
+def piece(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Chains with context are cut into pieces; the test rows' chains are short: cut small too."""
+    monkeypatch.setattr(tree_attention_module, "PIECE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_plan_sees_exactly_the_format_mask(seed: int) -> None:
+def test_plan_sees_exactly_the_format_mask(seed: int, piece: int) -> None:
     rows, batch = random_batch(seed)
     expected = dense_reference(rows, batch["input_ids"].shape[1])
     assert torch.equal(plan_as_dense(batch["subtree_end"]), expected)
@@ -77,7 +88,7 @@ def test_padding_is_one_span_whatever_its_length() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_attention_function_equals_dense_sdpa(seed: int) -> None:
+def test_attention_function_equals_dense_sdpa(seed: int, piece: int) -> None:
     """Outputs and gradients of query, key and value, with GQA (8 query heads on 2 kv heads)."""
     _, batch = random_batch(seed)
     structure = batch["subtree_end"]
@@ -151,10 +162,11 @@ def test_missing_plan_or_a_mask_fails_loudly() -> None:
     handle.remove()
     with pytest.raises(ValueError, match=PLAN_KEY):
         model(**plain)  # the implementation stays onepass_tree after remove()
+    plan = {PLAN_KEY: tree_plan(batch["subtree_end"])}
     with pytest.raises(ValueError, match="not a mask"):
-        model(**plain, attention_mask=bool_mask(batch["subtree_end"]), **{PLAN_KEY: tree_plan(batch["subtree_end"])})
+        model(**plain, **plan, attention_mask=bool_mask(batch["subtree_end"]))
     with pytest.raises(ValueError, match="plan is for"):
-        model(**{k: v[:1] for k, v in plain.items()}, **{PLAN_KEY: tree_plan(batch["subtree_end"])})
+        model(**{k: v[:1] for k, v in plain.items()}, **plan)
     model.set_attn_implementation("sdpa")
     install_mask_hook(model)
     with pytest.raises(ValueError, match="already installed"):

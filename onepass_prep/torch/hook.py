@@ -61,7 +61,10 @@ def build_attention_mask(
     return float_mask(subtree_end, model.dtype)
 
 
-def _structure_inputs(model: nn.Module, subtree_end: torch.Tensor, kind: MaskKind | None) -> dict[str, Any]:
+def _structure_inputs(
+    model: nn.Module, subtree_end: torch.Tensor, kind: MaskKind | None
+) -> dict[str, Any]:
+    """The model-call arguments that carry the tree: a mask, or tree attention's plan."""
     if _kind_for(model, kind) == "tree":
         return {PLAN_KEY: tree_plan(subtree_end.to(model.device, non_blocking=True))}
     return {"attention_mask": build_attention_mask(model, subtree_end, kind)}

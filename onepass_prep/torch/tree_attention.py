@@ -1,12 +1,12 @@
-"""Exact tree attention without an L x L mask: one small attention call per chain of tokens.
+"""Exact tree attention without an L x L mask: small attention calls along the tree's chains.
 
 Read in row order, token ``j + 1`` is the child of token ``j`` unless ``j`` is a leaf
 (``subtree_end[j] == j``, see masks.py). So a row splits into *chains*, each ending at a leaf.
 The queries of a chain see the chain causally and, before it, the chain's *context*: the
-ancestors of its first token, every one of them visible to the whole chain. Attending over
-context + chain per chain costs about the visible (q, kv) pairs, with no L x L tensor and
-no work on the pairs a dense mask would hide. A row has one chain per leaf, so per layer
-this makes about one call per N-pass sample.
+ancestors of its first token, every one of them visible to the whole chain. Attention runs
+per chain over context + chain only, so it costs about the visible (q, kv) pairs and never
+builds or computes anything L x L. A row has one chain per leaf (about one per N-pass
+sample); chains with context are cut into pieces (see PIECE).
 
 Tokens that see only themselves (padding, single-token trees) output their own value: a
 softmax over one key is 1, so that is exact.
@@ -14,7 +14,9 @@ softmax over one key is 1, so that is exact.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -26,6 +28,11 @@ TREE_ATTENTION = "onepass_tree"
 PLAN_KEY = "onepass_tree_plan"
 
 SpanKind = Literal["causal", "self"]
+
+# A chain with context is cut into pieces of at most PIECE queries, each attending to the
+# context and to the chain up to its own last query: one mask over a whole chain of n tokens
+# would spend n^2 / 2 pairs on the chain's hidden upper triangle, a piece spends PIECE^2 / 2.
+PIECE = 256
 
 
 @dataclass(frozen=True)
@@ -45,49 +52,65 @@ class TreePlan:
     masks: list[torch.Tensor | SpanKind]
 
 
+def _chains(row: np.ndarray) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """``(start, stop, context)`` per chain of one row; context None for tokens alone.
+
+    Consecutive tokens that see only themselves (padding, single-token trees) come as one
+    run, so a long padded tail costs one step.
+    """
+    position = np.arange(len(row))
+    leaf = row == position
+    seen_before = np.maximum.accumulate(np.concatenate([[-1], row[:-1]]))
+    alone = leaf & (seen_before < position)  # a leaf with no ancestor
+    chain_start = np.concatenate([[True], leaf[:-1]])
+    starts = np.flatnonzero(chain_start & ~(alone & np.concatenate([[False], alone[:-1]])))
+    path: list[tuple[int, int]] = []  # token ranges from a root down to the previous chain
+    for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(row)], strict=True):
+        if alone[start]:
+            yield start, stop, None
+            continue
+        # The context is the prefix of the path whose tokens are still seen at `start`
+        # (subtree_end never grows going down a path).
+        while path and row[path[-1][0]] < start:
+            path.pop()
+        if path:
+            first, last = path[-1]
+            path[-1] = (first, first + int(np.count_nonzero(row[first:last] >= start)))
+        yield start, stop, np.concatenate([np.arange(*r) for r in path]) if path else np.arange(0)
+        path.append((start, stop))
+
+
+Span = tuple[np.ndarray, np.ndarray, torch.Tensor | SpanKind]
+
+
+def _spans(row: np.ndarray, device: torch.device) -> Iterator[Span]:
+    """``(queries, keys, mask)`` per attention call of one row, in row order."""
+    for start, stop, context in _chains(row):
+        if context is None or not len(context):
+            queries = np.arange(start, stop)
+            yield queries, queries, "self" if context is None else "causal"
+            continue
+        for first in range(start, stop, PIECE):
+            queries = np.arange(first, min(first + PIECE, stop))
+            visible = np.concatenate([context, np.arange(start, queries[-1] + 1)])
+            q, kv = queries[:, None], visible[None, :]  # the FORMAT rule on these pairs
+            yield queries, visible, torch.from_numpy((kv <= q) & (q <= row[kv])).to(device)
+
+
 def tree_plan(subtree_end: torch.Tensor) -> TreePlan:
-    """The chains of every row of a collated ``subtree_end`` ``[B, L]``, on its device."""
+    """The spans of every row of a collated ``subtree_end`` ``[B, L]``, on its device."""
     ends = subtree_end.cpu().numpy()
     batch, length = ends.shape
-    position = np.arange(length)
     keys: list[np.ndarray] = []
     query_sizes: list[int] = []
     key_sizes: list[int] = []
     masks: list[torch.Tensor | SpanKind] = []
     for b, row in enumerate(ends):
-        leaf = row == position
-        seen_before = np.maximum.accumulate(np.concatenate([[-1], row[:-1]]))
-        alone = leaf & (seen_before < position)  # a leaf with no ancestor sees only itself
-        chain_start = np.concatenate([[True], leaf[:-1]])
-        run_inside = alone & np.concatenate([[False], alone[:-1]])
-        starts = np.flatnonzero(chain_start & ~run_inside)
-        path: list[tuple[int, int]] = []  # token ranges from a root down to the last chain
-        for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), length], strict=True):
-            queries = np.arange(start, stop)
-            if alone[start]:
-                keys.append(queries + b * length)
-                query_sizes.append(stop - start)
-                key_sizes.append(stop - start)
-                masks.append("self")
-                continue
-            # The context is the prefix of the path whose tokens are still seen at `start`;
-            # subtree_end never grows going down a path, so it is a prefix.
-            while path and row[path[-1][0]] < start:
-                path.pop()
-            if path:
-                first, last = path[-1]
-                path[-1] = (first, first + int(np.count_nonzero(row[first:last] >= start)))
-            visible = np.concatenate([*(np.arange(*r) for r in path), queries])
+        for queries, visible, mask in _spans(row, subtree_end.device):
             keys.append(visible + b * length)
-            query_sizes.append(stop - start)
+            query_sizes.append(len(queries))
             key_sizes.append(len(visible))
-            if path:  # the FORMAT rule, kv <= q <= subtree_end[kv], on this chain's pairs
-                q, kv = queries[:, None], visible[None, :]
-                mask = torch.from_numpy((kv <= q) & (q <= row[kv]))
-                masks.append(mask.to(subtree_end.device))
-            else:
-                masks.append("causal")
-            path.append((start, stop))
+            masks.append(mask)
     flat_keys = torch.from_numpy(np.concatenate(keys)).to(subtree_end.device)
     return TreePlan((batch, length), flat_keys, query_sizes, key_sizes, masks)
 
@@ -121,7 +144,7 @@ def tree_attention(
             f"install_mask_hook(model, kind='tree'), or set another attn_implementation"
         )
     if plan.shape != (batch, length):
-        raise ValueError(f"tree plan is for batch x length {plan.shape}, the call has {(batch, length)}")
+        raise ValueError(f"tree plan is for [B, L] = {list(plan.shape)}, the call has {[batch, length]}")
     if attention_mask is not None:
         raise ValueError(f"{TREE_ATTENTION!r} attention takes its tree from the plan, not a mask")
     if dropout or kwargs.get("sliding_window") is not None:
@@ -129,12 +152,14 @@ def tree_attention(
     groups = heads // key.shape[1]
     gathered_keys = _flat(key).index_select(2, plan.keys).split(plan.key_sizes, 2)
     gathered_values = _flat(value).index_select(2, plan.keys).split(plan.key_sizes, 2)
+    queries = _flat(query).split(plan.query_sizes, 2)
+    attend = partial(F.scaled_dot_product_attention, scale=scaling, enable_gqa=True)
     outputs = []
-    for q, k, v, mask in zip(_flat(query).split(plan.query_sizes, 2), gathered_keys, gathered_values, plan.masks, strict=True):
+    for q, k, v, mask in zip(queries, gathered_keys, gathered_values, plan.masks, strict=True):
         if isinstance(mask, torch.Tensor):
-            outputs.append(F.scaled_dot_product_attention(q, k, v, mask, scale=scaling, enable_gqa=True))
+            outputs.append(attend(q, k, v, mask))
         elif mask == "causal":
-            outputs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True))
+            outputs.append(attend(q, k, v, is_causal=True))
         else:
             outputs.append(v.repeat_interleave(groups, 1))
     out = torch.cat(outputs, 2).view(heads, batch, length, dim)
