@@ -174,6 +174,15 @@ def test_missing_plan_or_a_mask_fails_loudly() -> None:
     assert model.config._attn_implementation == "sdpa"  # the refused install changed nothing
 
 
+@pytest.mark.parametrize("extra", [{"dropout": 0.1}, {"sliding_window": 4}, {"softcap": 30.0}])
+def test_refuses_what_it_would_silently_ignore(extra: dict) -> None:
+    _, batch = random_batch(0, rows=1)
+    states = torch.randn(1, 2, batch["subtree_end"].shape[1], 8)
+    with pytest.raises(ValueError, match="no dropout, sliding window or softcap"):
+        tree_attention(SimpleNamespace(), states, states, states, None,
+                       **{PLAN_KEY: tree_plan(batch["subtree_end"])}, **extra)
+
+
 def test_runtime_imports_without_transformers() -> None:
     """Registration is lazy: importing the runtime must not import transformers."""
     code = "import sys, onepass_prep.torch; print('transformers' in sys.modules)"

@@ -134,7 +134,8 @@ def tree_attention(
     """transformers attention interface: ``[B, H, L, D]`` in, ``[B, L, H, D]`` out (GQA allowed).
 
     Reads the tree from ``kwargs[PLAN_KEY]`` (the mask hook puts it there) and refuses
-    anything it would otherwise silently ignore: a missing plan, a mask, dropout, a window.
+    anything it would otherwise silently ignore: a missing plan, a mask, dropout, a window,
+    a softcap.
     """
     plan: TreePlan | None = kwargs.get(PLAN_KEY)
     batch, heads, length, dim = query.shape
@@ -147,8 +148,8 @@ def tree_attention(
         raise ValueError(f"tree plan is for [B, L] = {list(plan.shape)}, the call has {[batch, length]}")
     if attention_mask is not None:
         raise ValueError(f"{TREE_ATTENTION!r} attention takes its tree from the plan, not a mask")
-    if dropout or kwargs.get("sliding_window") is not None:
-        raise ValueError(f"{TREE_ATTENTION!r} attention has no attention dropout or sliding window")
+    if dropout or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise ValueError(f"{TREE_ATTENTION!r} attention has no dropout, sliding window or softcap")
     groups = heads // key.shape[1]
     gathered_keys = _flat(key).index_select(2, plan.keys).split(plan.key_sizes, 2)
     gathered_values = _flat(value).index_select(2, plan.keys).split(plan.key_sizes, 2)
