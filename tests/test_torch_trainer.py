@@ -1,4 +1,5 @@
-"""transformers.Trainer and TRL SFTTrainer through the mask hook follow the N-pass run.
+"""transformers.Trainer and TRL SFTTrainer through the mask hook (dense mask or tree attention)
+follow the N-pass run.
 
 Each step sees one conversation: the one-pass run its row, the reference run the batch of
 its N-pass samples. Both trainers divide the summed loss by the step's trained-token count,
@@ -19,7 +20,7 @@ from test_torch_rows import chat_samples, no_onednn, pack, write_run  # noqa: F4
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from onepass_prep.torch import OnePassCollator, OnePassDataset, install_mask_hook
+from onepass_prep.torch import MaskKind, OnePassCollator, OnePassDataset, install_mask_hook
 
 Samples = Sequence[tuple[Sequence[int], int]]
 STEPS = 3
@@ -85,11 +86,11 @@ def train(kind: str, model: torch.nn.Module, dataset, collate, out: Path, tokeni
 
 
 def compare_runs(kind: str, rows_source: Path, chats: Sequence[Samples], make_model, tmp_path,
-                 collator: OnePassCollator, tokenizer=None) -> None:
+                 collator: OnePassCollator, tokenizer=None, hook_kind: MaskKind | None = None) -> None:
     model = make_model()
     reference_model = make_model()
     reference_model.load_state_dict(model.state_dict())
-    install_mask_hook(model)
+    install_mask_hook(model, hook_kind)
     dataset = OnePassDataset(rows_source, cache_dir=tmp_path / "cache")
     reference = [{"tokens": [list(t) for t, _ in chat], "starts": [s for _, s in chat]} for chat in chats]
     if kind == "sft":  # SFTTrainer takes only datasets.Dataset; read the validated shards
@@ -125,10 +126,12 @@ def tokenizer():
     return load_tokenizer("qwen").tokenizer
 
 
+@pytest.mark.parametrize("hook_kind", [None, "tree"], ids=["mask", "tree_attention"])
 @pytest.mark.parametrize("kind", ["trainer", "sft"])
-def test_trainer_follows_n_pass_run(kind: str, synthetic, tokenizer, tmp_path: Path) -> None:
+def test_trainer_follows_n_pass_run(kind: str, hook_kind: MaskKind | None, synthetic, tokenizer,
+                                    tmp_path: Path) -> None:
     folder, chats = synthetic
     compare_runs(
         kind, folder, chats, lambda: tiny_model("qwen3", "sdpa"), tmp_path,
-        OnePassCollator(pad_to_multiple_of=16), tokenizer,
+        OnePassCollator(pad_to_multiple_of=16), tokenizer, hook_kind,
     )
