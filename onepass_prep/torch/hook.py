@@ -75,8 +75,8 @@ def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> Removab
 
     ``kind`` defaults to what the model's attention implementation takes (sdpa: bool, eager:
     float, flex_attention: BlockMask), read at every call. ``kind="tree"`` switches the model to
-    ``attn_implementation="onepass_tree"`` (tree_attention.py: no L x L mask, work on the visible
-    pairs only) and passes the chain plan instead of a mask. Every call must carry
+    ``attn_implementation="onepass_tree"`` (tree_attention.py: no L x L mask, work on about the
+    visible pairs) and passes the chain plan instead of a mask. Every call must carry
     ``subtree_end`` and ``position_ids``: without a 4D mask transformers would read the
     restarting position ids as packed documents and attend across branches. Call
     ``.remove()`` on the returned handle to use the model normally again (e.g. generation; after

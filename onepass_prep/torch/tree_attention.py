@@ -164,7 +164,7 @@ def tree_attention(
         else:
             outputs.append(v.repeat_interleave(groups, 1))
     out = torch.cat(outputs, 2).view(heads, batch, length, dim)
-    return out.permute(1, 2, 0, 3), None
+    return out.permute(1, 2, 0, 3).contiguous(), None
 
 
 def register_tree_attention() -> None:
