@@ -31,6 +31,7 @@ from onepass_prep.render import Renderer  # noqa: E402
 from onepass_prep.tokenizer import load_tokenizer, qwen_tokenizer_dir  # noqa: E402
 
 THINK = ("<think>", "</think>")
+SECTIONS = "conversion,packing,growth,training,memory"
 
 
 def timed(function, repeats: int = 1) -> float:
@@ -72,6 +73,14 @@ def conversion(data: Path, repeats: int) -> dict:
         with tempfile.TemporaryDirectory() as out:
             convert([source], Path(out), ConvertOptions(model="qwen", num_proc=num_proc))
 
+    def one_thread():
+        """One process that keeps the tokenizer off its thread pool: one core, strictly."""
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            run_convert(1)
+        finally:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+
     # Start-up (loading the tokenizer; spawning and loading workers), measured on one chat,
     # is paid once per run; the steady ratios leave it out.
     one_chat = data.with_name("one.jsonl")
@@ -80,6 +89,7 @@ def conversion(data: Path, repeats: int) -> dict:
         "floor": timed(floor, repeats),
         "convert_1": timed(lambda: run_convert(1), repeats),
         "convert_2": timed(lambda: run_convert(2), repeats),
+        "convert_1_one_thread": timed(one_thread, repeats),
         "startup_1": timed(lambda: run_convert(1, one_chat), repeats),
         "startup_2": timed(lambda: run_convert(2, one_chat), repeats),
         "obvious_n_pass": timed(obvious, 1),
@@ -95,6 +105,7 @@ def conversion(data: Path, repeats: int) -> dict:
         "steady_1_vs_floor": seconds["floor"] / steady_1,
         "steady_2_vs_floor": seconds["floor"] / steady_2,
         "steady_2_vs_steady_1": steady_1 / steady_2,
+        "convert_2_vs_one_thread": seconds["convert_1_one_thread"] / seconds["convert_2"],
         "convert_1_vs_obvious": seconds["obvious_n_pass"] / seconds["convert_1"],
         "obvious_cost_in_floors": seconds["obvious_n_pass"] / seconds["floor"],
     }
@@ -118,6 +129,8 @@ def growth(per_turn_count: int, max_turns: int) -> list[dict]:
                 n_pairs += int((lengths * (lengths + 1) // 2).sum())
         results.append({
             "turns": turns,
+            "one_pass_pairs_per_chat": one_pairs / per_turn_count,
+            "n_pass_pairs_per_chat": n_pairs / per_turn_count,
             "tokens_n_pass_over_one_pass": n_tokens / one_tokens,
             "pairs_n_pass_over_one_pass": n_pairs / one_pairs,
             "one_pass_tokens_per_chat": one_tokens / per_turn_count,
@@ -262,21 +275,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.json")
+    parser.add_argument("--only", default=SECTIONS, help=f"comma-separated subset of {SECTIONS}; "
+                        "the others are kept from the --out file")
     args = parser.parse_args()
     quick = args.quick
-    results: dict = {"machine": machine(), "quick": quick}
+    only = args.only.split(",")
+    results: dict = json.loads(args.out.read_text()) if args.out.is_file() and args.only != SECTIONS else {}
+    results.update(machine=machine(), quick=quick)
     with tempfile.TemporaryDirectory() as folder:
         data = synth.write(Path(folder) / "bench.jsonl", 20 if quick else 600, seed=1)
-        print("conversion ...", flush=True)
-        results["conversion"] = conversion(data, repeats=1 if quick else 2)
-        print("packing ...", flush=True)
-        results["packing"] = packing(data)
-    print("growth ...", flush=True)
-    results["growth"] = growth(2 if quick else 20, 3 if quick else 10)
-    print("training step ...", flush=True)
-    results["training_step"] = training_step(2 if quick else 6, repeats=1 if quick else 3)
-    print("memory ...", flush=True)
-    results["memory"] = memory([200, 400] if quick else [10_000, 100_000])
+        if "conversion" in only:
+            print("conversion ...", flush=True)
+            results["conversion"] = conversion(data, repeats=1 if quick else 2)
+        if "packing" in only:
+            print("packing ...", flush=True)
+            results["packing"] = packing(data)
+    if "growth" in only:
+        print("growth ...", flush=True)
+        results["growth"] = growth(2 if quick else 20, 3 if quick else 10)
+    if "training" in only:
+        print("training step ...", flush=True)
+        results["training_step"] = training_step(2 if quick else 6, repeats=1 if quick else 3)
+    if "memory" in only:
+        print("memory ...", flush=True)
+        results["memory"] = memory([200, 400] if quick else [10_000, 100_000])
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
 
@@ -290,6 +312,7 @@ def report(results: dict) -> str:
         f"| convert, 2 processes, vs floor | {c['convert_2_vs_floor']:.2f}x | |",
         f"| convert, 2 processes vs 1 process | {c['convert_2_vs_convert_1']:.2f}x | >= 1.8x |",
         f"| same, start-up left out: 1 process vs floor / 2 vs floor / 2 vs 1 | {c['steady_1_vs_floor']:.2f}x / {c['steady_2_vs_floor']:.2f}x / {c['steady_2_vs_steady_1']:.2f}x | |",
+        f"| convert, 2 processes vs 1 process with the tokenizer's thread pool off | {c['convert_2_vs_one_thread']:.2f}x | |",
         f"| convert, 1 process, vs obvious N-pass preprocessing | {c['convert_1_vs_obvious']:.2f}x faster | |",
         f"| obvious N-pass preprocessing, in floors | {c['obvious_cost_in_floors']:.1f}x the floor's time | |",
         f"| packing fill rate at --max-seq-len 32768 | {p['fill_rate']:.1%} | >= 95% |",
@@ -298,9 +321,17 @@ def report(results: dict) -> str:
     ]
     for m in results["memory"]:
         lines.append(f"| convert peak RSS, {m['conversations']:,} chats ({m['input_mb']:.0f} MB in) | {m['peak_rss_mb']:.0f} MB | < 500 MB, flat |")
-    lines += ["", "| turns | N-pass / one-pass tokens | N-pass / one-pass attention pairs |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "| turns | tokens per chat, one-pass / N-pass | ratio | attention pairs per chat (millions), one-pass / N-pass | ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for g in results["growth"]:
-        lines.append(f"| {g['turns']} | {g['tokens_n_pass_over_one_pass']:.2f} | {g['pairs_n_pass_over_one_pass']:.2f} |")
+        lines.append(
+            f"| {g['turns']} | {g['one_pass_tokens_per_chat']:,.0f} / {g['n_pass_tokens_per_chat']:,.0f} "
+            f"| {g['tokens_n_pass_over_one_pass']:.2f} | {g['one_pass_pairs_per_chat'] / 1e6:.1f} / "
+            f"{g['n_pass_pairs_per_chat'] / 1e6:.1f} | {g['pairs_n_pass_over_one_pass']:.2f} |"
+        )
     return "\n".join(lines)
 
 

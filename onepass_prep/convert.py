@@ -16,7 +16,7 @@ from onepass_prep import FORMAT_VERSION, __version__
 from onepass_prep.checkpoint import Checkpoint, RunError, SyncPoint
 from onepass_prep.pack import pack
 from onepass_prep.records import BadRecord, Conversation, Rejection, parse_line
-from onepass_prep.render import Renderer
+from onepass_prep.render import Renderer, Sample
 from onepass_prep.shards import REJECTED, ShardWriter, write_manifest
 from onepass_prep.tokenizer import load_tokenizer
 from onepass_prep.tree import Layout, layout_samples
@@ -79,7 +79,10 @@ Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
 
 
 def layout_conversation(conversation: Conversation, renderer: Renderer, max_seq_len: int) -> Layout:
-    samples = renderer.samples(conversation)
+    return _checked_layout(renderer.samples(conversation), max_seq_len)
+
+
+def _checked_layout(samples: list[Sample], max_seq_len: int) -> Layout:
     if not any(sample.num_trained for sample in samples):
         raise BadRecord("nothing-to-train", "no assistant turn has a token to train")
     layout = layout_samples(samples)
@@ -94,18 +97,23 @@ def convert_lines(
     lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
 ) -> list[Converted | Rejection]:
     """One result per non-blank line, in order: the unit of work of a worker process."""
+    parsed = [(parse_line(raw, source, number, think_tags), raw) for source, number, raw in lines]
+    conversations = [record for record, _ in parsed if isinstance(record, Conversation)]
+    samples = iter(renderer.samples_many(conversations))
     results: list[Converted | Rejection] = []
-    for source, line_number, raw in lines:
-        record = parse_line(raw, source, line_number, think_tags)
-        if record is None or isinstance(record, Rejection):
+    for record, raw in parsed:
+        if not isinstance(record, Conversation):
             results += [record] if record else []
             continue
         try:
-            layout = layout_conversation(record, renderer, max_seq_len)
-            results.append(Converted(record.id, layout, source, line_number))
+            found = next(samples)
+            if isinstance(found, BadRecord):
+                raise found
+            layout = _checked_layout(found, max_seq_len)
+            results.append(Converted(record.id, layout, record.source, record.line))
         except BadRecord as error:
             text = raw.decode("utf-8").rstrip("\r\n")
-            results.append(Rejection(source, line_number, record.id, error.kind, str(error), text))
+            results.append(Rejection(record.source, record.line, record.id, error.kind, str(error), text))
     return results
 
 

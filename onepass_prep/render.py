@@ -74,14 +74,35 @@ class Renderer:
         return texts
 
     def samples(self, conversation: Conversation) -> list[Sample]:
-        pairs = self.render_texts(conversation)
-        flat = [text for pair in pairs for text in pair]
-        ids = self.encoder.encode(flat)
-        samples = []
-        for prompt_ids, sample_ids in zip(ids[0::2], ids[1::2], strict=True):
-            start = max(1, common_prefix_length(prompt_ids, sample_ids))
-            samples.append(Sample(sample_ids, start))
-        return samples
+        result = self.samples_many([conversation])[0]
+        if isinstance(result, BadRecord):
+            raise result
+        return result
+
+    def samples_many(self, conversations: list[Conversation]) -> list[list[Sample] | BadRecord]:
+        """Each conversation's samples, or why it has none. The renderings of all of them
+        are tokenized in one call: distinct pieces shared between conversations (system
+        prompts, tool lists) are tokenized once, and the tokenizer's threads get a batch
+        large enough to keep them busy."""
+        rendered: list[list[tuple[str, str]] | BadRecord] = []
+        for conversation in conversations:
+            try:
+                rendered.append(self.render_texts(conversation))
+            except BadRecord as error:
+                rendered.append(error)
+        texts = [text for pairs in rendered if isinstance(pairs, list) for pair in pairs for text in pair]
+        ids = iter(self.encoder.encode(texts))
+        results: list[list[Sample] | BadRecord] = []
+        for pairs in rendered:
+            if isinstance(pairs, BadRecord):
+                results.append(pairs)
+                continue
+            samples = []
+            for _ in pairs:
+                prompt_ids, sample_ids = next(ids), next(ids)
+                samples.append(Sample(sample_ids, max(1, common_prefix_length(prompt_ids, sample_ids))))
+            results.append(samples)
+        return results
 
     def _apply(
         self, messages: list[dict], tools: list[dict] | None, generation_prompt: bool
