@@ -105,3 +105,19 @@ def test_convert_does_not_import_torch(tmp_path, sample_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_shards_read_as_they_are_in_duckdb_and_polars(tmp_path, sample_path):
+    import duckdb
+    import polars
+
+    assert run("convert", sample_path, "--model", "qwen", "-o", tmp_path, "--no-pack").exit_code == 0
+    shards = str(tmp_path / "part-*.parquet")
+    expected = pq.read_table(sorted(tmp_path.glob("part-*.parquet")))
+    first_ids = expected.column("input_ids")[0].as_py()
+    frame = polars.read_parquet(shards)
+    assert frame.height == expected.num_rows
+    assert frame["input_ids"][0].to_list() == first_ids
+    assert frame["mask_spec"].struct.field("seg_lens")[0].to_list() == expected.column("mask_spec")[0].as_py()["seg_lens"]
+    rows, tokens = duckdb.sql(f"select count(*), sum(len(input_ids)) from read_parquet('{shards}')").fetchall()[0]
+    assert (rows, tokens) == (expected.num_rows, sum(expected.column("num_tokens").to_pylist()))

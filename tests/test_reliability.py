@@ -215,3 +215,33 @@ def test_rejected_file_is_valid_jsonl_for_binary_garbage(tmp_path):
     assert runner.invoke(app, ["convert", str(data), "--model", "qwen", "-o", str(out)]).exit_code == 0
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rejected) == 1 and rejected[0]["kind"] in {"not-utf8", "invalid-json"}
+
+
+def test_readers_name_the_file_of_a_truncated_or_corrupt_shard(tmp_path, sample_path):
+    from onepass_prep.torch import FormatError, OnePassDataset, OnePassIterableDataset
+
+    good = tmp_path / "good"
+    assert runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(good),
+                               "--no-pack"]).exit_code == 0
+    shard_bytes = (good / "part-00000.parquet").read_bytes()
+    truncated, corrupt = tmp_path / "truncated", tmp_path / "corrupt"
+    for folder, data in ((truncated, shard_bytes[: len(shard_bytes) // 2]),
+                         (corrupt, bytes(b ^ 0xFF if 200 <= i < 5000 and i % 7 == 0 else b
+                                         for i, b in enumerate(shard_bytes)))):
+        folder.mkdir()
+        (folder / "manifest.json").write_bytes((good / "manifest.json").read_bytes())
+        (folder / "part-00000.parquet").write_bytes(data)
+        shard = str(folder / "part-00000.parquet")
+        for read in (lambda f=folder: OnePassDataset(f, cache_dir=tmp_path / "cache"),
+                     lambda f=folder: list(OnePassIterableDataset(f))):
+            try:
+                read()
+            except FormatError as error:
+                assert str(error).startswith(shard), error
+            else:
+                raise AssertionError(f"{folder.name}: read without an error")
+        for command in (["inspect", str(folder)], ["stats", str(folder)],
+                        ["verify", str(folder), "--input", str(sample_path)]):
+            result = runner.invoke(app, command)
+            # rich wraps long paths across lines; the path itself has no spaces
+            assert result.exit_code == 1 and shard in "".join(result.output.split()), result.output

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .format import Source, resolve_shards
+from .format import Source, open_shard, read_row_group, resolve_shards
 from .validate import list_columns, list_parts, validate_batch
 
 Row = dict[str, Any]
@@ -63,12 +63,12 @@ def arrow_cache(path: Path, cache_dir: Path) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
-    shard = pq.ParquetFile(path)
+    shard = open_shard(path)
     first_row = 0
     try:
         with pa.ipc.new_file(tmp, _keep_schema(shard)) as out:
             for group in range(shard.num_row_groups):
-                table = shard.read_row_group(group, columns=_READ)
+                table = read_row_group(path, group, first_row, _READ)
                 validate_batch(table, path, first_row)
                 first_row += table.num_rows
                 out.write_table(table.select(_KEEP))
@@ -154,7 +154,7 @@ class OnePassIterableDataset(IterableDataset):
         self.epoch = 0
         self._units: list[tuple[int, int, int]] = []  # (file, row group, first row in file)
         for file_index, path in enumerate(self.files):
-            meta = pq.ParquetFile(path).metadata
+            meta = open_shard(path).metadata
             first = 0
             for group in range(meta.num_row_groups):
                 self._units.append((file_index, group, first))
@@ -182,7 +182,7 @@ class OnePassIterableDataset(IterableDataset):
         for unit in order[consumer::consumers]:
             file_index, group, first_row = self._units[unit]
             path = self.files[file_index]
-            table = pq.ParquetFile(path).read_row_group(group, columns=_READ)
+            table = read_row_group(path, group, first_row, _READ)
             validate_batch(table, path, first_row)
             rows = _Rows(table)
             within = np.arange(rows.num_rows)

@@ -77,11 +77,26 @@ def resolve_shards(source: Source) -> list[Path]:
     return files
 
 
+def open_shard(path: Path) -> pq.ParquetFile:
+    """A shard's Parquet file; a truncated or corrupt one is named, not a bare Arrow error."""
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as error:
+        raise FormatError(f"{path}: not a readable Parquet file ({error})") from None
+
+
+def read_row_group(path: Path, group: int, first_row: int, columns: list[str]) -> pa.Table:
+    try:
+        return open_shard(path).read_row_group(group, columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        raise FormatError(f"{path}: rows from {first_row}: cannot be read ({error})") from None
+
+
 def check_shard(path: Path, rows: int) -> None:
     """The shard exists, has the manifest's row count and exactly the v1 column types."""
     if not path.is_file():
         raise FormatError(f"{path}: listed in the manifest but missing")
-    meta = pq.ParquetFile(path).metadata
+    meta = open_shard(path).metadata
     if meta.num_rows != rows:
         raise FormatError(f"{path}: {meta.num_rows} rows, the manifest says {rows}")
     check_schema(meta.schema.to_arrow_schema(), path)
