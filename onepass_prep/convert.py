@@ -8,7 +8,7 @@ import json
 import multiprocessing
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from onepass_prep import FORMAT_VERSION, __version__
 from onepass_prep.checkpoint import Checkpoint, RunError, SyncPoint
 from onepass_prep.pack import pack
 from onepass_prep.records import BadRecord, Conversation, Rejection, parse_line
-from onepass_prep.render import Renderer, Sample
+from onepass_prep.render import Rendered, Renderer, Sample
 from onepass_prep.shards import REJECTED, ShardWriter, write_manifest
 from onepass_prep.tokenizer import load_tokenizer
 from onepass_prep.tree import Layout, layout_samples
@@ -93,13 +93,30 @@ def _checked_layout(samples: list[Sample], max_seq_len: int) -> Layout:
     return layout
 
 
+Parsed = list[tuple[Conversation | Rejection | None, bytes]]
+
+
 def convert_lines(
     lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
 ) -> list[Converted | Rejection]:
     """One result per non-blank line, in order: the unit of work of a worker process."""
+    return finish_lines(*render_lines(lines, renderer, think_tags), renderer, max_seq_len)
+
+
+def render_lines(
+    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str]
+) -> tuple[Parsed, list[Rendered]]:
+    """The Python half of the work: parse and render."""
     parsed = [(parse_line(raw, source, number, think_tags), raw) for source, number, raw in lines]
     conversations = [record for record, _ in parsed if isinstance(record, Conversation)]
-    samples = iter(renderer.samples_many(conversations))
+    return parsed, renderer.render_many(conversations)
+
+
+def finish_lines(
+    parsed: Parsed, rendered: list[Rendered], renderer: Renderer, max_seq_len: int
+) -> list[Converted | Rejection]:
+    """The other half: tokenize (mostly outside the GIL) and lay out."""
+    samples = iter(renderer.tokenize(rendered))
     results: list[Converted | Rejection] = []
     for record, raw in parsed:
         if not isinstance(record, Conversation):
@@ -156,8 +173,18 @@ def _ordered_results(
 ) -> Iterator[tuple[list[Line], list[Converted | Rejection]]]:
     """Results in input order; with workers, a bounded number of batches in flight."""
     if options.num_proc == 1:
-        for batch in batches:
-            yield batch, convert_lines(batch, renderer, options.think_tags, options.max_seq_len)
+        # One process, two stages: this thread renders batch k + 1 while a second one
+        # tokenizes batch k (the tokenizer releases the GIL), so both cores have work.
+        with ThreadPoolExecutor(1) as second:
+            pending = None
+            for batch in batches:
+                rendered = render_lines(batch, renderer, options.think_tags)
+                future = second.submit(finish_lines, *rendered, renderer, options.max_seq_len)
+                if pending:
+                    yield pending[0], pending[1].result()
+                pending = (batch, future)
+            if pending:
+                yield pending[0], pending[1].result()
         return
     # spawn, not fork: the parent has threads (progress display, tokenizer pools).
     context = multiprocessing.get_context("spawn")

@@ -33,6 +33,9 @@ def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if differ.size else n
 
 
+Rendered = list[tuple[str, str]] | BadRecord  # (prompt, sample) texts per assistant turn
+
+
 class Renderer:
     """Turns canonical conversations into N-pass samples for one tokenizer and template."""
 
@@ -74,22 +77,26 @@ class Renderer:
         return texts
 
     def samples(self, conversation: Conversation) -> list[Sample]:
-        result = self.samples_many([conversation])[0]
+        result = self.tokenize(self.render_many([conversation]))[0]
         if isinstance(result, BadRecord):
             raise result
         return result
 
-    def samples_many(self, conversations: list[Conversation]) -> list[list[Sample] | BadRecord]:
-        """Each conversation's samples, or why it has none. The renderings of all of them
-        are tokenized in one call: distinct pieces shared between conversations (system
-        prompts, tool lists) are tokenized once, and the tokenizer's threads get a batch
-        large enough to keep them busy."""
-        rendered: list[list[tuple[str, str]] | BadRecord] = []
+    def render_many(self, conversations: list[Conversation]) -> list[Rendered]:
+        """Each conversation's renderings, or why the template refused it (Python work)."""
+        rendered: list[Rendered] = []
         for conversation in conversations:
             try:
                 rendered.append(self.render_texts(conversation))
             except BadRecord as error:
                 rendered.append(error)
+        return rendered
+
+    def tokenize(self, rendered: list[Rendered]) -> list[list[Sample] | BadRecord]:
+        """Samples from renderings, all tokenized in one call (work the tokenizer does
+        outside the GIL): distinct pieces shared between conversations (system prompts,
+        tool lists) are tokenized once, and its threads get a batch large enough to keep
+        them busy."""
         texts = [text for pairs in rendered if isinstance(pairs, list) for pair in pairs for text in pair]
         ids = iter(self.encoder.encode(texts))
         results: list[list[Sample] | BadRecord] = []
