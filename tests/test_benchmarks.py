@@ -1,0 +1,26 @@
+"""The benchmark script still runs (tiny sizes) and its numbers hang together. Speed is
+judged by docs/benchmarks.md, not here."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_benchmark_quick_run_reports_every_section(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["conversion"]["conversations"] == 20
+    assert all(seconds > 0 for seconds in results["conversion"]["seconds"].values())
+    assert 0 < results["packing"]["fill_rate"] <= 1
+    for row in results["growth"]:
+        assert row["n_pass_tokens_per_chat"] >= row["one_pass_tokens_per_chat"]
+        assert row["n_pass_pairs_per_chat"] >= row["one_pass_pairs_per_chat"]
+    training = results["training_step"]
+    assert training["one_pass_tokens"] < training["n_pass_tokens"]
+    assert [m["conversations"] for m in results["memory"]] == [200, 400]
+    assert "| packing fill rate" in done.stdout
