@@ -4,7 +4,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -85,16 +84,17 @@ def test_readme_demo_command_runs(tmp_path):
     """The README's first command, minus the set-up this test environment already has."""
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"<!-- demo-command -->\n```\n(.*)\n```", readme).group(1)
-    convert_part = command[command.index("onepass-prep convert"):]
-    args = convert_part.split()[1:]
+    steps = [step.split() for step in command.split(" && ") if "onepass-prep" in step]
+    assert [step[1] for step in steps] == ["convert", "inspect"]
     out = tmp_path / "sample"
-    args[args.index("-o") + 1] = str(out)
-    result = subprocess.run(
-        [sys.executable, "-m", "onepass_prep.cli", *args], cwd=ROOT, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    assert (out / "manifest.json").is_file() and "saving" in result.stderr
-    assert Path(ROOT / "sample_data" / "chats.jsonl").is_file()
+    for step in steps:
+        args = [str(out) if arg == "out/sample" else arg for arg in step[1:]]
+        result = subprocess.run(
+            [sys.executable, "-m", "onepass_prep.cli", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+    assert (out / "manifest.json").is_file()
+    assert "attention mask" in result.stdout and "trained" in result.stdout
 
 
 def test_convert_does_not_import_torch(tmp_path, sample_path):
