@@ -5,24 +5,19 @@ wires them together and keeps the counts."""
 from __future__ import annotations
 
 import json
-import multiprocessing
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from onepass_prep import FORMAT_VERSION, __version__
 from onepass_prep.checkpoint import Checkpoint, RunError, SyncPoint
 from onepass_prep.pack import pack
-from onepass_prep.records import BadRecord, Conversation, Rejection, parse_line
-from onepass_prep.render import Rendered, Renderer, Sample
+from onepass_prep.render import Renderer
 from onepass_prep.shards import REJECTED, ShardWriter, write_manifest
 from onepass_prep.tokenizer import load_tokenizer
-from onepass_prep.tree import Layout, layout_samples
-
-BATCH_LINES = 64  # lines per unit of work
-BATCH_BYTES = 1 << 20
+from onepass_prep.tree import Layout
+from onepass_prep.work import Converted, ordered_results, read_batches
 
 
 class ConvertError(Exception):
@@ -65,143 +60,6 @@ class ConvertSummary:
     def fill_rate(self) -> float:
         capacity = self.rows * self.max_seq_len
         return self.one_pass_tokens / capacity if capacity else 0.0
-
-
-@dataclass
-class Converted:
-    id: str
-    layout: Layout
-    source: str
-    line: int
-
-
-Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
-
-
-def layout_conversation(conversation: Conversation, renderer: Renderer, max_seq_len: int) -> Layout:
-    return _checked_layout(renderer.samples(conversation), max_seq_len)
-
-
-def _checked_layout(samples: list[Sample], max_seq_len: int) -> Layout:
-    if not any(sample.num_trained for sample in samples):
-        raise BadRecord("nothing-to-train", "no assistant turn has a token to train")
-    layout = layout_samples(samples)
-    if len(layout) > max_seq_len:
-        raise BadRecord(
-            "too-long", f"{len(layout)} one-pass tokens exceed --max-seq-len {max_seq_len}"
-        )
-    return layout
-
-
-Parsed = list[tuple[Conversation | Rejection | None, bytes]]
-
-
-def convert_lines(
-    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
-) -> list[Converted | Rejection]:
-    """One result per non-blank line, in order: the unit of work of a worker process."""
-    return finish_lines(*render_lines(lines, renderer, think_tags), renderer, max_seq_len)
-
-
-def render_lines(
-    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str]
-) -> tuple[Parsed, list[Rendered]]:
-    """The Python half of the work: parse and render."""
-    parsed = [(parse_line(raw, source, number, think_tags), raw) for source, number, raw in lines]
-    conversations = [record for record, _ in parsed if isinstance(record, Conversation)]
-    return parsed, renderer.render_many(conversations)
-
-
-def finish_lines(
-    parsed: Parsed, rendered: list[Rendered], renderer: Renderer, max_seq_len: int
-) -> list[Converted | Rejection]:
-    """The other half: tokenize (mostly outside the GIL) and lay out."""
-    samples = iter(renderer.tokenize(rendered))
-    results: list[Converted | Rejection] = []
-    for record, raw in parsed:
-        if not isinstance(record, Conversation):
-            results += [record] if record else []
-            continue
-        try:
-            found = next(samples)
-            if isinstance(found, BadRecord):
-                raise found
-            layout = _checked_layout(found, max_seq_len)
-            results.append(Converted(record.id, layout, record.source, record.line))
-        except BadRecord as error:
-            text = raw.decode("utf-8").rstrip("\r\n")
-            results.append(Rejection(record.source, record.line, record.id, error.kind, str(error), text))
-    return results
-
-
-_worker: dict = {}
-
-
-def _start_worker(model: str, chat_template: str | None, think_tags: tuple[str, str], max_seq_len: int) -> None:
-    loaded = load_tokenizer(model, chat_template)
-    _worker.update(renderer=Renderer(loaded.tokenizer, think_tags), think_tags=think_tags, max_seq_len=max_seq_len)
-
-
-def _work(lines: list[Line]) -> list[Converted | Rejection]:
-    return convert_lines(lines, _worker["renderer"], _worker["think_tags"], _worker["max_seq_len"])
-
-
-def _batches(
-    inputs: list[Path], first_file: int, first_line: int, skipped: Callable[[int], None]
-) -> Iterator[list[Line]]:
-    """Lines in input order from (first_file, first_line), about a megabyte at a time."""
-    batch: list[Line] = []
-    size = 0
-    for index, path in enumerate(inputs[first_file:], start=first_file):
-        start = first_line if index == first_file else 1
-        with open(path, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                if line_number < start:
-                    skipped(len(raw))
-                    continue
-                batch.append((str(path), line_number, raw))
-                size += len(raw)
-                if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
-                    yield batch
-                    batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _ordered_results(
-    batches: Iterator[list[Line]], options: ConvertOptions, renderer: Renderer
-) -> Iterator[tuple[list[Line], list[Converted | Rejection]]]:
-    """Results in input order; with workers, a bounded number of batches in flight."""
-    if options.num_proc == 1:
-        # One process, two stages: this thread renders batch k + 1 while a second one
-        # tokenizes batch k (the tokenizer releases the GIL), so both cores have work.
-        with ThreadPoolExecutor(1) as second:
-            pending = None
-            for batch in batches:
-                rendered = render_lines(batch, renderer, options.think_tags)
-                future = second.submit(finish_lines, *rendered, renderer, options.max_seq_len)
-                if pending:
-                    yield pending[0], pending[1].result()
-                pending = (batch, future)
-            if pending:
-                yield pending[0], pending[1].result()
-        return
-    # spawn, not fork: the parent has threads (progress display, tokenizer pools).
-    context = multiprocessing.get_context("spawn")
-    initargs = (options.model, renderer.tokenizer.chat_template, options.think_tags, options.max_seq_len)
-    pool = ProcessPoolExecutor(options.num_proc, context, _start_worker, initargs)
-    try:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append((batch, pool.submit(_work, batch)))
-            if len(pending) >= 4 * options.num_proc:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-    finally:  # on an interruption too: do not wait for work nobody will read
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class StrictError(ConvertError):
@@ -253,8 +111,11 @@ def convert(
 
         def converted() -> Iterator[tuple[str, Layout]]:
             nonlocal position
-            batches = _batches(inputs, run.sync.file, run.sync.line, progress)
-            for batch, results in _ordered_results(batches, options, renderer):
+            batches = read_batches(inputs, run.sync.file, run.sync.line, progress)
+            work = ordered_results(
+                batches, renderer, options.model, options.think_tags, options.max_seq_len, options.num_proc
+            )
+            for batch, results in work:
                 progress(sum(len(raw) for _, _, raw in batch))
                 for result in results:
                     position = (file_index[result.source], result.line + 1)

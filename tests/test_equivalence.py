@@ -17,11 +17,11 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
-from onepass_prep.convert import layout_conversation
 from onepass_prep.pack import join
 from onepass_prep.records import Conversation, parse_line, read_jsonl
 from onepass_prep.render import Renderer
 from onepass_prep.tokenizer import load_tokenizer
+from onepass_prep.work import layout_conversation
 
 THINK = ("<think>", "</think>")
 

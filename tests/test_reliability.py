@@ -14,10 +14,10 @@ from reference import n_pass_pairs, n_pass_samples, one_pass_pairs
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
-from onepass_prep.convert import Converted, convert_lines
 from onepass_prep.pack import join
 from onepass_prep.records import Rejection, parse_line
 from onepass_prep.render import Renderer
+from onepass_prep.work import Converted, convert_lines
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import synth  # noqa: E402
