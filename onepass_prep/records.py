@@ -21,6 +21,7 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 OPENAI_ROLES = {"system", "user", "assistant", "tool"}
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets use
 
 
 @dataclass
@@ -183,7 +184,12 @@ def _split_reasoning(message: dict, index: int, think_tags: tuple[str, str]) -> 
     open_tag, close_tag = think_tags
     content = message["content"]
     opens, closes = content.count(open_tag), content.count(close_tag)
-    reasoning = message.pop("reasoning_content", None)
+    given = [name for name in REASONING_FIELDS if message.get(name) is not None]
+    if len(given) > 1:
+        raise BadRecord("double-reasoning", f"message {index} has both {given[0]} and {given[1]}")
+    # One canonical name, whatever the source called it.
+    values = [message.pop(name, None) for name in REASONING_FIELDS]
+    reasoning = next((value for value in values if value is not None), None)
     if reasoning is not None:
         message["reasoning_content"] = reasoning
         if not isinstance(reasoning, str):

@@ -32,6 +32,14 @@ def test_closing_tag_alone_is_reasoning_too():
     assert chat.messages[1]["content"] == "a"
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_fields_of_any_common_name_become_reasoning_content(field):
+    chat = parse({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", field: "r"},
+    ]})
+    assert chat.messages[1] == {"role": "assistant", "content": "a", "reasoning_content": "r"}
+
+
 def test_sharegpt_roles_map_to_openai_roles():
     chat = parse({"id": 5, "conversations": [
         {"from": "system", "value": "s"}, {"from": "human", "value": "h"},
@@ -70,6 +78,7 @@ def test_tool_call_with_null_content_is_kept():
         ({"messages": [{"role": "assistant", "content": "x</think>y<think>"}]}, "bad-think-tags"),
         ({"messages": [{"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "c"}]}, "bad-think-tags"),
         ({"messages": [{"role": "assistant", "content": "a"}], "tools": "all"}, "bad-tools"),
+        ({"messages": [{"role": "assistant", "content": "a", "reasoning": "r", "thinking": "t"}]}, "double-reasoning"),
     ],
 )
 def test_bad_records_are_rejected_with_a_kind_and_the_raw_line(record, kind):
