@@ -135,7 +135,7 @@ def convert(
                 summary.rows += 1
                 summary.one_pass_tokens += len(row)
                 summary.n_pass_tokens += row.n_pass_tokens
-                summary.trained_tokens += int((row.labels != -100).sum())
+                summary.trained_tokens += row.num_trained
                 if run.skip_rows:
                     run.skip_rows -= 1  # already in a shard the interrupted run completed
                 else:

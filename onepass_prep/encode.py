@@ -27,9 +27,11 @@ class PieceEncoder:
             and "Metaspace" not in repr(backend.pre_tokenizer)
             and not any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added.values())
         )
-        self.added_ids = {token.content: token_id for token_id, token in added.items()}
+        # Ids of the pieces that need no tokenizing: added tokens, and the empty text.
+        self.fixed_ids = {t.content: np.asarray([i], dtype=np.int32) for i, t in added.items()}
+        self.fixed_ids[""] = np.zeros(0, dtype=np.int32)
         # Longest first: the leftmost-longest match the tokenizer itself makes.
-        contents = sorted(self.added_ids, key=len, reverse=True)
+        contents = sorted((token.content for token in added.values()), key=len, reverse=True)
         self.splitter = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if added else None
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -40,7 +42,5 @@ class PieceEncoder:
         distinct = list({piece for parts in split_texts for piece in parts[0::2] if piece})
         encoded = self.backend.encode_batch(distinct, add_special_tokens=False)
         ids = {piece: np.asarray(e.ids, dtype=np.int32) for piece, e in zip(distinct, encoded, strict=True)}
-        for token, token_id in self.added_ids.items():
-            ids[token] = np.asarray([token_id], dtype=np.int32)
-        ids[""] = np.zeros(0, dtype=np.int32)
+        ids.update(self.fixed_ids)
         return [np.concatenate([ids[piece] for piece in parts]) for parts in split_texts]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onepass_prep.tree import Layout
+from onepass_prep.tree import IGNORE, Layout
 
 WINDOW_ROWS = 64
 
@@ -30,6 +30,7 @@ class Row:
     seg_parents: np.ndarray
     conversation_ids: list[str]
     n_pass_tokens: int
+    num_trained: int  # labels that are not -100
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -42,14 +43,16 @@ def join(items: list[tuple[str, Layout]]) -> Row:
         parents.append(np.where(layout.seg_parents < 0, -1, layout.seg_parents + offset))
         offset += len(layout.seg_lens)
     layouts = [layout for _, layout in items]
+    labels = np.concatenate([layout.labels for layout in layouts])
     return Row(
         np.concatenate([layout.input_ids for layout in layouts]),
         np.concatenate([layout.position_ids for layout in layouts]),
-        np.concatenate([layout.labels for layout in layouts]),
+        labels,
         np.concatenate([layout.seg_lens for layout in layouts]),
         np.concatenate(parents).astype(np.int32),
         [conversation_id for conversation_id, _ in items],
         sum(layout.n_pass_tokens for layout in layouts),
+        int(np.count_nonzero(labels != IGNORE)),
     )
 
 

@@ -58,7 +58,7 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
         mask_spec,
         pa.array([row.conversation_ids for row in rows], pa.list_(pa.string())),
         pa.array([len(row) for row in rows], pa.int32()),
-        pa.array([int((row.labels != -100).sum()) for row in rows], pa.int32()),
+        pa.array([row.num_trained for row in rows], pa.int32()),
         pa.array([row.n_pass_tokens for row in rows], pa.int64()),
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
