@@ -73,9 +73,7 @@ def conversion(data: Path, repeats: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir()))
     renderer = Renderer(load_tokenizer("qwen").tokenizer, THINK)
     chats = [
-        (renderer.template_messages(c.messages), c.tools)
-        for c in read_jsonl(data, THINK)
-        if isinstance(c, Conversation)
+        (renderer.template_input(c)[0], c.tools) for c in read_jsonl(data, THINK) if isinstance(c, Conversation)
     ]
 
     def floor():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -10,6 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from onepass_prep.convert import ConvertError, ConvertOptions, ConvertSummary, StrictError, convert
+from onepass_prep.records import RESERVED_TEMPLATE_ARGUMENTS
 
 app = typer.Typer(
     help="Exact one-pass training data for multi-turn reasoning chats.",
@@ -31,6 +33,20 @@ def _think_tags(value: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+def _template_kwargs(value: str | None) -> dict:
+    if value is None:
+        return {}
+    try:
+        kwargs = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise typer.BadParameter(f"not JSON ({error.msg}), e.g. '{{\"enable_thinking\": true}}'") from None
+    if not isinstance(kwargs, dict):
+        raise typer.BadParameter("expected a JSON object, e.g. '{\"enable_thinking\": true}'")
+    if reserved := sorted(RESERVED_TEMPLATE_ARGUMENTS & kwargs.keys()):
+        raise typer.BadParameter(f"apply_chat_template sets {', '.join(reserved)} itself")
+    return kwargs
+
+
 @app.command("convert")
 def convert_command(
     inputs: list[Path] = typer.Argument(..., help="Chat JSONL files (OpenAI messages or ShareGPT)."),
@@ -38,6 +54,7 @@ def convert_command(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for shards and manifest."),
     chat_template: Path | None = typer.Option(None, help="Jinja file that replaces the tokenizer's chat template."),
     think_tags: str = typer.Option("<think>,</think>", help="Tags around inline reasoning: OPEN,CLOSE."),
+    chat_template_kwargs: str | None = typer.Option(None, help="JSON object passed to every rendering, e.g. '{\"enable_thinking\": true}'; a record's own chat_template_kwargs go over it."),
     max_seq_len: int = typer.Option(32768, min=2, help="Longest row; longer conversations are rejected."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack several conversations into a row."),
     rows_per_shard: int = typer.Option(1000, min=1, help="Rows per Parquet shard."),
@@ -56,6 +73,7 @@ def convert_command(
         model=model,
         chat_template=chat_template,
         think_tags=_think_tags(think_tags),
+        chat_template_kwargs=_template_kwargs(chat_template_kwargs),
         max_seq_len=max_seq_len,
         pack=pack,
         rows_per_shard=rows_per_shard,
@@ -80,6 +98,16 @@ def convert_command(
         console.print(f"interrupted: continue with the same command and --resume (output: {out_dir})")
         raise typer.Exit(130) from None
     console.print(summary_table(summary, out_dir))
+    if summary.reasoning_dropped:
+        console.print(f"[yellow]warning:[/yellow] {dropped_reasoning_warning(summary.reasoning_dropped, summary.reasoning_turns)}", highlight=False, soft_wrap=True)
+
+
+def dropped_reasoning_warning(dropped: int, turns: int) -> str:
+    return (
+        f"{dropped:,} of {turns:,} trained turns with reasoning are trained without it: the chat "
+        "template drops the reasoning of the turn being trained. To train it, use a template "
+        "(--chat-template) or --chat-template-kwargs that keeps the last turn's reasoning."
+    )
 
 
 def summary_table(summary: ConvertSummary, out_dir: Path) -> Table:
@@ -97,6 +125,7 @@ def summary_table(summary: ConvertSummary, out_dir: Path) -> Table:
     table.add_row("saving", f"{summary.token_saving:.1%}")
     table.add_row("trained tokens", f"{summary.trained_tokens:,}")
     table.add_row("fill rate", f"{summary.fill_rate:.1%}")
+    table.add_row("turns with reasoning / trained without it", f"{summary.reasoning_turns:,} / {summary.reasoning_dropped:,}")
     if summary.rejected:
         table.caption = f"rejected records and reasons: {out_dir / 'rejected.jsonl'}"
     return table
@@ -163,8 +192,6 @@ def stats_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Rows, conversations, turns, lengths, and tokens and attention work one-pass vs N-pass."""
-    import json
-
     from onepass_prep.shard_reader import ShardError, open_run
     from onepass_prep.stats import compute_stats, stats_json, stats_view
 

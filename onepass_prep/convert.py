@@ -29,6 +29,7 @@ class ConvertOptions:
     model: str = "qwen"
     chat_template: Path | None = None
     think_tags: tuple[str, str] = ("<think>", "</think>")
+    chat_template_kwargs: dict = field(default_factory=dict)
     max_seq_len: int = 32768
     pack: bool = True
     rows_per_shard: int = 1000
@@ -49,6 +50,8 @@ class ConvertSummary:
     one_pass_tokens: int = 0
     n_pass_tokens: int = 0
     trained_tokens: int = 0
+    reasoning_turns: int = 0  # trained turns given reasoning
+    reasoning_dropped: int = 0  # of those, turns the template trains without it
     max_seq_len: int = 0
 
     @property
@@ -94,7 +97,7 @@ def convert(
         raise ConvertError("an input file is given twice")
     template = options.chat_template.read_text(encoding="utf-8") if options.chat_template else None
     loaded = load_tokenizer(options.model, template)
-    renderer = Renderer(loaded.tokenizer, options.think_tags)
+    renderer = Renderer(loaded.tokenizer, options.think_tags, options.chat_template_kwargs)
     try:
         run = Checkpoint.start(
             out_dir, _fingerprint(options, inputs, loaded.hash), options.overwrite, options.resume
@@ -122,6 +125,8 @@ def convert(
                     summary.read += 1
                     if isinstance(result, Converted):
                         summary.written += 1
+                        summary.reasoning_turns += result.reasoning_turns
+                        summary.reasoning_dropped += result.reasoning_dropped
                         yield result.id, result.layout
                         continue
                     if options.strict:
@@ -149,7 +154,10 @@ def convert(
     return summary
 
 
-COUNTED = ("read", "written", "rejected", "rows", "one_pass_tokens", "n_pass_tokens", "trained_tokens")
+COUNTED = (
+    "read", "written", "rejected", "rows", "one_pass_tokens", "n_pass_tokens", "trained_tokens",
+    "reasoning_turns", "reasoning_dropped",
+)
 
 
 def _counts(summary: ConvertSummary) -> dict:
@@ -197,4 +205,8 @@ def _manifest(loaded, options, inputs, shards, summary: ConvertSummary) -> dict:
         },
         "rows": summary.rows,
         "fill_rate": round(summary.fill_rate, 6),
+        "reasoning_audit": {
+            "turns_with_reasoning": summary.reasoning_turns,
+            "reasoning_dropped": summary.reasoning_dropped,
+        },
     }

@@ -21,16 +21,27 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 OPENAI_ROLES = {"system", "user", "assistant", "tool"}
-REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets use
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets and templates use
+CONTENT_PART_TYPES = {"text", "reasoning", "thinking"}
+# apply_chat_template's own arguments: template kwargs may not set them.
+RESERVED_TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
 
 
 @dataclass
 class Conversation:
-    """A chat in canonical form: assistant reasoning lives in `reasoning_content`."""
+    """A chat as read, its text untouched. Reasoning given apart from `content` (a field
+    or content parts) is held in `reasoning`, one entry per message, until the renderer
+    puts it where the template reads it (docs/input.md)."""
 
     id: str
-    messages: list[dict]
+    messages: list[dict]  # without reasoning fields; `content` a string or None
+    reasoning: list[str | None]
     tools: list[dict] | None
+    template_kwargs: dict  # the record's own `chat_template_kwargs`
     source: str
     line: int
 
@@ -67,7 +78,9 @@ def read_jsonl(path: Path, think_tags: tuple[str, str]) -> Iterator[Conversation
     """Yield one result per non-empty line of `path`, in order."""
     with open(path, "rb") as handle:
         for line_number, raw_bytes in enumerate(handle, start=1):
-            yield parse_line(raw_bytes, str(path), line_number, think_tags)
+            result = parse_line(raw_bytes, str(path), line_number, think_tags)
+            if result is not None:
+                yield result
 
 
 def parse_line(
@@ -96,10 +109,10 @@ def parse_line(
                 "not-an-object", f"a line must hold a JSON object, got {type(record).__name__}"
             )
         record_id = _record_id(record, source, line_number)
-        messages, tools = _canonical_messages(record, think_tags)
+        conversation = _conversation(record, record_id, source, line_number, think_tags)
     except BadRecord as error:
         return Rejection(source, line_number, record_id, error.kind, str(error), raw)
-    return Conversation(record_id, messages, tools, source, line_number)
+    return conversation
 
 
 def _record_id(record: dict, source: str, line_number: int) -> str:
@@ -109,13 +122,14 @@ def _record_id(record: dict, source: str, line_number: int) -> str:
     return f"{Path(source).name}:{line_number}"
 
 
-def _canonical_messages(
-    record: dict, think_tags: tuple[str, str]
-) -> tuple[list[dict], list[dict] | None]:
+def _conversation(
+    record: dict, record_id: str, source: str, line_number: int, think_tags: tuple[str, str]
+) -> Conversation:
     if "messages" in record:
-        messages = _openai_messages(record["messages"])
+        messages, reasoning = _openai_messages(record["messages"])
     elif "conversations" in record:
         messages = _sharegpt_messages(record["conversations"])
+        reasoning = [None] * len(messages)
     else:
         raise BadRecord("no-messages", "no 'messages' or 'conversations' list")
     if not any(message["role"] == "assistant" for message in messages):
@@ -125,16 +139,28 @@ def _canonical_messages(
         isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)
     ):
         raise BadRecord("bad-tools", "'tools' must be a list of objects")
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant":
-            _split_reasoning(message, index, think_tags)
-    return messages, tools or None
+    template_kwargs = record.get("chat_template_kwargs") or {}
+    if not isinstance(template_kwargs, dict):
+        raise BadRecord("bad-template-kwargs", "'chat_template_kwargs' must be an object")
+    if reserved := sorted(RESERVED_TEMPLATE_ARGUMENTS & template_kwargs.keys()):
+        raise BadRecord(
+            "bad-template-kwargs", f"'chat_template_kwargs' may not set {', '.join(reserved)}"
+        )
+    for index, (message, given) in enumerate(zip(messages, reasoning, strict=True)):
+        content = message["content"]
+        if given is not None and isinstance(content, str) and any(tag in content for tag in think_tags):
+            raise BadRecord(
+                "bad-think-tags", f"message {index} has reasoning apart and think tags in content"
+            )
+    return Conversation(
+        record_id, messages, reasoning, tools or None, template_kwargs, source, line_number
+    )
 
 
-def _openai_messages(value: object) -> list[dict]:
+def _openai_messages(value: object) -> tuple[list[dict], list[str | None]]:
     if not isinstance(value, list) or not value:
         raise BadRecord("bad-messages", "'messages' must be a non-empty list")
-    messages = []
+    messages, reasoning = [], []
     for index, message in enumerate(value):
         if not isinstance(message, dict):
             raise BadRecord("bad-messages", f"message {index} is not an object")
@@ -142,14 +168,17 @@ def _openai_messages(value: object) -> list[dict]:
         if role not in OPENAI_ROLES:
             raise BadRecord("unknown-role", f"message {index} has unknown role {role!r}")
         message = dict(message)
-        content = message.get("content")
-        if content is None and role == "assistant" and message.get("tool_calls"):
-            content = ""
-        if not isinstance(content, str):
-            raise BadRecord(
-                "non-string-content", f"message {index} ({role}) content is not a string"
-            )
-        message["content"] = content
+        message["content"], from_parts = _content(message.get("content"), index, role)
+        given = None
+        if role == "assistant":  # reasoning fields of other roles pass through as any other field
+            named = [name for name in REASONING_FIELDS if message.get(name) is not None]
+            named += ["reasoning parts"] if from_parts is not None else []
+            if len(named) > 1:
+                raise BadRecord("double-reasoning", f"message {index} has both {named[0]} and {named[1]}")
+            values = [message.pop(name, None) for name in REASONING_FIELDS]
+            given = next((value for value in values if value is not None), from_parts)
+            if given is not None and not isinstance(given, str):
+                raise BadRecord("non-string-content", f"message {index} {named[0]} is not a string")
         tool_calls = message.get("tool_calls")
         if tool_calls is not None and not (
             role == "assistant"
@@ -158,7 +187,38 @@ def _openai_messages(value: object) -> list[dict]:
         ):
             raise BadRecord("bad-tool-calls", f"message {index} has malformed 'tool_calls'")
         messages.append(message)
-    return messages
+        reasoning.append(given)
+    return messages, reasoning
+
+
+def _content(value: object, index: int, role: str) -> tuple[str | None, str | None]:
+    """(content, reasoning from parts) of a message: a string or null as given; a list of
+    parts joined, its `text` parts into the content and `reasoning`/`thinking` parts into
+    the reasoning (assistant messages only)."""
+    if value is None or isinstance(value, str):
+        return value, None
+    if not isinstance(value, list):
+        raise BadRecord(
+            "non-string-content",
+            f"message {index} ({role}) content is not a string, null or a list of parts",
+        )
+    texts: list[str] = []
+    thoughts: list[str] = []
+    for number, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in CONTENT_PART_TYPES or (kind != "text" and role != "assistant"):
+            raise BadRecord(
+                "bad-content-part",
+                f"message {index} ({role}) content part {number} has type {kind!r}; "
+                f"readable: text{', reasoning, thinking' if role == 'assistant' else ''}",
+            )
+        text = part.get(kind) if isinstance(part.get(kind), str) else part.get("text")
+        if not isinstance(text, str):
+            raise BadRecord(
+                "bad-content-part", f"message {index} ({role}) content part {number} has no text"
+            )
+        (texts if kind == "text" else thoughts).append(text)
+    return "".join(texts), "".join(thoughts) if thoughts else None
 
 
 def _sharegpt_messages(value: object) -> list[dict]:
@@ -179,40 +239,26 @@ def _sharegpt_messages(value: object) -> list[dict]:
     return messages
 
 
-def _split_reasoning(message: dict, index: int, think_tags: tuple[str, str]) -> None:
-    """Move inline `<think>…</think>` reasoning into `reasoning_content`, in place."""
+def split_inline_reasoning(content: str, think_tags: tuple[str, str]) -> tuple[str, str] | None:
+    """(reasoning, answer) of `content` with inline reasoning, or None without think tags.
+
+    Used only to move reasoning into the field a template reads: the text between the
+    tags without surrounding newlines, the answer without leading newlines (what Qwen3's
+    template does itself). Forms that cannot be split so are a `BadRecord`.
+    """
     open_tag, close_tag = think_tags
-    content = message["content"]
     opens, closes = content.count(open_tag), content.count(close_tag)
-    given = [name for name in REASONING_FIELDS if message.get(name) is not None]
-    if len(given) > 1:
-        raise BadRecord("double-reasoning", f"message {index} has both {given[0]} and {given[1]}")
-    # One canonical name, whatever the source called it.
-    values = [message.pop(name, None) for name in REASONING_FIELDS]
-    reasoning = next((value for value in values if value is not None), None)
-    if reasoning is not None:
-        message["reasoning_content"] = reasoning
-        if not isinstance(reasoning, str):
-            raise BadRecord(
-                "non-string-content", f"message {index} reasoning_content is not a string"
-            )
-        if opens or closes:
-            raise BadRecord(
-                "bad-think-tags", f"message {index} has reasoning_content and think tags in content"
-            )
-        return
     if opens == 0 and closes == 0:
-        return
+        return None
     if opens > 1 or closes > 1:
-        raise BadRecord("bad-think-tags", f"message {index} has more than one think block")
+        raise BadRecord("bad-think-tags", "more than one think block")
     if closes == 0:
-        raise BadRecord("bad-think-tags", f"message {index} has an unclosed {open_tag}")
+        raise BadRecord("bad-think-tags", f"an unclosed {open_tag}")
     head, answer = content.split(close_tag)
     if opens == 1:
         if open_tag not in head:
-            raise BadRecord("bad-think-tags", f"message {index} has {open_tag} after {close_tag}")
+            raise BadRecord("bad-think-tags", f"{open_tag} after {close_tag}")
         prefix, _, head = head.partition(open_tag)
         if prefix.strip():
-            raise BadRecord("bad-think-tags", f"message {index} has text before {open_tag}")
-    message["reasoning_content"] = head.strip("\n")
-    message["content"] = answer.lstrip("\n")
+            raise BadRecord("bad-think-tags", f"text before {open_tag}")
+    return head.strip("\n"), answer.lstrip("\n")

@@ -38,6 +38,7 @@ class Stats:
     lengths: list[int] = field(default_factory=list)
     max_seq_len: int | None = None
     run_counts: dict = field(default_factory=dict)  # the manifest's, for the whole run
+    reasoning_audit: dict = field(default_factory=dict)  # the manifest's, for the whole run
 
     @property
     def fill_rate(self) -> float | None:
@@ -54,7 +55,11 @@ class Stats:
 
 
 def compute_stats(run: Run) -> Stats:
-    stats = Stats(shards=len(run.shards), run_counts=run.manifest.get("counts", {}))
+    stats = Stats(
+        shards=len(run.shards),
+        run_counts=run.manifest.get("counts", {}),
+        reasoning_audit=run.manifest.get("reasoning_audit", {}),
+    )
     stats.max_seq_len = run.manifest.get("options", {}).get("max_seq_len")
     for row in iter_rows(run):
         stats.rows += 1
@@ -124,6 +129,7 @@ def stats_json(stats: Stats) -> dict:
             key: stats.run_counts.get(key)
             for key in ("read", "written", "rejected", "rejected_by_kind")
         },
+        "reasoning_audit": stats.reasoning_audit,
     }
 
 
@@ -153,6 +159,10 @@ def stats_view(stats: Stats, width: int) -> Group:
     table.add_row("run: rejected", f"{counts.get('rejected', 0):,}", "")
     for kind, count in sorted((counts.get("rejected_by_kind") or {}).items()):
         table.add_row(f"  {kind}", f"{count:,}", "")
+    audit = stats.reasoning_audit
+    if audit:
+        dropped, turns = audit.get("reasoning_dropped", 0), audit.get("turns_with_reasoning", 0)
+        table.add_row("reasoning dropped", f"{dropped:,} of {turns:,} turns", "")
     if stats.rows_not_derived:
         table.caption = (
             f"≈: in {stats.rows_not_derived} rows the trained runs do not account for "

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onepass_prep.records import Conversation, Rejection, read_jsonl
-from onepass_prep.render import Renderer
+from onepass_prep.records import BadRecord, Conversation, Rejection, read_jsonl
+from onepass_prep.render import Renderer, template_error, with_null_fallback
 from onepass_prep.shard_reader import (
     IGNORE,
     Run,
@@ -121,19 +121,24 @@ class VerifyReport:
             self.problems.append(text)
 
 
-def render_samples(tokenizer, messages: list[dict], tools) -> list[tuple[int, np.ndarray, int]]:
+def render_samples(
+    tokenizer, messages: list[dict], tools, kwargs: dict
+) -> list[tuple[int, np.ndarray, int]]:
     """(message index, ids, first trained position) per assistant message, per FORMAT.md."""
     samples = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        full = tokenizer.apply_chat_template(
-            messages[: index + 1], tools=tools, tokenize=True, return_dict=False
-        )
-        prompt = tokenizer.apply_chat_template(
-            messages[:index], tools=tools, tokenize=True, add_generation_prompt=True,
-            return_dict=False,
-        )
+        try:
+            full = tokenizer.apply_chat_template(
+                messages[: index + 1], tools=tools, tokenize=True, return_dict=False, **kwargs
+            )
+            prompt = tokenizer.apply_chat_template(
+                messages[:index], tools=tools, tokenize=True, add_generation_prompt=True,
+                return_dict=False, **kwargs,
+            )
+        except Exception as error:  # a template may raise anything
+            raise template_error(error) from None
         full, prompt = np.asarray(full, np.int64), np.asarray(prompt, np.int64)
         n = min(len(full), len(prompt))
         differ = np.flatnonzero(full[:n] != prompt[:n])
@@ -241,14 +246,12 @@ def _expected(
     with an id in `only`, when only some shards are read)."""
     options = run.manifest.get("options", {})
     think_tags = tuple(options.get("think_tags") or ("<think>", "</think>"))
-    renderer = Renderer(tokenizer, think_tags)
+    renderer = Renderer(tokenizer, think_tags, options.get("chat_template_kwargs"))
     rejected = Counter((entry.get("id"), entry.get("line")) for entry in run.rejected())
     read = unreadable = 0
     expected = []
     for path in inputs:
         for record in read_jsonl(path, think_tags):
-            if record is None:
-                continue
             read += 1
             if isinstance(record, Rejection):
                 unreadable += 1
@@ -260,13 +263,15 @@ def _expected(
                 report.rejected_skipped += 1
                 continue
             report.conversations += 1
-            messages = renderer.template_messages(record.messages)
             try:
-                samples = render_samples(tokenizer, messages, record.tools)
-            except Exception as error:  # a template may raise anything
+                messages, _, kwargs = renderer.template_input(record)
+                samples = with_null_fallback(
+                    lambda m: render_samples(tokenizer, m, record.tools, kwargs), messages  # noqa: B023
+                )
+            except BadRecord as error:
                 report.problem(
-                    f"conversation {record.id} ({record.source}:{record.line}): the chat template "
-                    f"fails ({type(error).__name__}: {error}) but the run did not reject it"
+                    f"conversation {record.id} ({record.source}:{record.line}): {error} "
+                    "but the run did not reject it"
                 )
                 continue
             for turn, (message, ids, start) in enumerate(samples, start=1):

@@ -26,6 +26,8 @@ class Converted:
     layout: Layout
     source: str
     line: int
+    reasoning_turns: int  # trained turns that were given reasoning
+    reasoning_dropped: int  # of those, turns whose trained tokens lack it (the template drops it)
 
 
 Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
@@ -80,7 +82,14 @@ def finish_lines(
             if isinstance(found, BadRecord):
                 raise found
             layout = _checked_layout(found, max_seq_len)
-            results.append(Converted(record.id, layout, record.source, record.line))
+            audit = [sample.reasoning for sample in found if sample.num_trained]
+            results.append(
+                Converted(
+                    record.id, layout, record.source, record.line,
+                    reasoning_turns=len(audit) - audit.count("none"),
+                    reasoning_dropped=audit.count("dropped"),
+                )
+            )
         except BadRecord as error:
             text = raw.decode("utf-8").rstrip("\r\n")
             results.append(Rejection(record.source, record.line, record.id, error.kind, str(error), text))
@@ -90,9 +99,12 @@ def finish_lines(
 _worker: dict = {}
 
 
-def _start_worker(model: str, chat_template: str | None, think_tags: tuple[str, str], max_seq_len: int) -> None:
+def _start_worker(
+    model: str, chat_template: str | None, think_tags: tuple[str, str], template_kwargs: dict, max_seq_len: int
+) -> None:
     loaded = load_tokenizer(model, chat_template)
-    _worker.update(renderer=Renderer(loaded.tokenizer, think_tags), think_tags=think_tags, max_seq_len=max_seq_len)
+    renderer = Renderer(loaded.tokenizer, think_tags, template_kwargs)
+    _worker.update(renderer=renderer, think_tags=think_tags, max_seq_len=max_seq_len)
 
 
 def _work(lines: list[Line]) -> list[Converted | Rejection]:
@@ -147,7 +159,7 @@ def ordered_results(
         return
     # spawn, not fork: the parent has threads (progress display, tokenizer pools).
     context = multiprocessing.get_context("spawn")
-    initargs = (model, renderer.tokenizer.chat_template, think_tags, max_seq_len)
+    initargs = (model, renderer.tokenizer.chat_template, think_tags, renderer.template_kwargs, max_seq_len)
     pool = ProcessPoolExecutor(num_proc, context, _start_worker, initargs)
     try:
         pending: deque = deque()

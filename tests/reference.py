@@ -1,21 +1,126 @@
-"""Independent N-pass references for tests: straight from `apply_chat_template` and the
-docs/FORMAT.md attention rule, sharing no code with the converter's layout."""
+"""Independent N-pass references for tests: straight from `apply_chat_template`, the
+input contract of docs/input.md and the docs/FORMAT.md attention rule, sharing no code
+with the converter (neither its reading and normalization of records nor its layout)."""
 
 from __future__ import annotations
 
-from collections import Counter
+import re
+from collections import Counter, defaultdict
 
 import numpy as np
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+THINK = ("<think>", "</think>")
+
+# The reasoning field each test template reads in the turn being trained, as read off the
+# template's source by a person (the converter finds it by rendering probes).
+READS = {
+    None: "reasoning_content",  # the bundled Qwen3 template
+    "keep_reasoning.jinja": "reasoning_content",
+    "raises.jinja": "reasoning_content",
+    "strip_history.jinja": None,
+}
 
 
-def n_pass_samples(messages: list[dict], tools, tokenizer) -> list[tuple[list[int], int]]:
+class Refused(Exception):
+    """The contract rejects the record: the template cannot render it, or inline
+    reasoning that must move into a field cannot be split."""
+
+
+def contract_samples(
+    record: dict, tokenizer, reads: str | None, kwargs: dict | None = None, tags=THINK
+) -> list[tuple[list[int], int]]:
+    """Each assistant turn's N-pass sample of a raw input record, per the contract of
+    docs/input.md; raises `Refused`."""
+    messages = contract_messages(record, reads, tags)
+    kwargs = {**(kwargs or {}), **(record.get("chat_template_kwargs") or {})}
+    try:
+        return n_pass_samples(messages, record.get("tools"), tokenizer, **kwargs)
+    except Exception as error:
+        if not any(m["content"] is None for m in messages):
+            raise Refused(str(error)) from None
+    messages = [{**m, "content": "" if m["content"] is None else m["content"]} for m in messages]
+    try:
+        return n_pass_samples(messages, record.get("tools"), tokenizer, **kwargs)
+    except Exception as error:
+        raise Refused(str(error)) from None
+
+
+SHAREGPT = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+            "tool": "tool", "observation": "tool"}
+
+
+def record_messages(record: dict) -> list[dict]:
+    if "conversations" in record:
+        return [{"role": SHAREGPT[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    return record["messages"]
+
+
+def contract_messages(record: dict, reads: str | None, tags=THINK) -> list[dict]:
+    """The messages the template receives, before the null fallback."""
+    return [_contract_message(m, reads, tags) for m in record_messages(record)]
+
+
+def contract_reasoning(message: dict, tags=THINK) -> str | None:
+    """The reasoning an assistant message of a raw record carries, wherever it is given."""
+    for name in ("reasoning_content", "reasoning", "thinking"):
+        if message.get(name) is not None:
+            return message[name]
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = [p.get(p["type"], p.get("text")) for p in content if p["type"] != "text"]
+        return "".join(parts) if parts else None
+    try:
+        inline = _split_inline(content, tags) if isinstance(content, str) else None
+    except Refused:
+        return None
+    return inline and inline[0]
+
+
+def _contract_message(message: dict, reads: str | None, tags) -> dict:
+    message = {**message, "content": message.get("content")}
+    content = message["content"]
+    if isinstance(content, list):
+        message["content"] = "".join(p["text"] for p in content if p["type"] == "text")
+    if message["role"] != "assistant":
+        return message
+    values = [message.pop(name, None) for name in ("reasoning_content", "reasoning", "thinking")]
+    given = next((value for value in values if value is not None), None)
+    if isinstance(content, list):
+        parts = [p.get(p["type"], p.get("text")) for p in content if p["type"] != "text"]
+        given = "".join(parts) if parts else None
+    content = message.get("content")
+    if reads is None:
+        if given is not None:
+            message["content"] = f"{tags[0]}\n{given}\n{tags[1]}\n\n{content or ''}"
+        return message
+    inline = _split_inline(content, tags) if given is None and isinstance(content, str) else None
+    if inline is not None:
+        given, message["content"] = inline
+    if given is not None:
+        message[reads] = given
+    return message
+
+
+def _split_inline(content: str, tags) -> tuple[str, str] | None:
+    if tags[0] not in content and tags[1] not in content:
+        return None
+    open_tag, close_tag = map(re.escape, tags)
+    match = re.fullmatch(rf"(?:\s*{open_tag})?(.*?){close_tag}(.*)", content, re.S)
+    if match is None or any(tag in match[1] + match[2] for tag in tags):
+        raise Refused("think tags that cannot be split")
+    return match[1].strip("\n"), match[2].lstrip("\n")
+
+
+def n_pass_samples(messages: list[dict], tools, tokenizer, **kwargs) -> list[tuple[list[int], int]]:
     """(token ids, first trained position) of each assistant turn's N-pass sample."""
     samples = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         full = tokenizer.apply_chat_template(
-            messages[: index + 1], tools=tools, tokenize=True, return_dict=False
+            messages[: index + 1], tools=tools, tokenize=True, return_dict=False, **kwargs
         )
         prompt = tokenizer.apply_chat_template(
             messages[:index],
@@ -23,6 +128,7 @@ def n_pass_samples(messages: list[dict], tools, tokenizer) -> list[tuple[list[in
             tokenize=True,
             add_generation_prompt=True,
             return_dict=False,
+            **kwargs,
         )
         common = 0
         while common < min(len(full), len(prompt)) and full[common] == prompt[common]:
@@ -85,3 +191,47 @@ def one_pass_pairs(row: dict) -> Counter:
         assert list(visible_from(j, seg_lens, ancestor)) == list(context) + [j], "j-1 is not j's parent"
         pairs[(tuple(ids[context].tolist()), int(ids[j]))] += 1
     return pairs
+
+
+def tiny_qwen3():
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=8192,
+        tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def token_losses(model, ids, positions, mask, targets_at):
+    """Loss of predicting ids[j] from position j - 1, for each j in `targets_at`."""
+    ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)[None]
+    kwargs = {"position_ids": torch.as_tensor(np.asarray(positions), dtype=torch.long)[None]}
+    if mask is not None:
+        kwargs["attention_mask"] = torch.as_tensor(mask)[None, None]
+    hidden = model.model(input_ids=ids_t, **kwargs).last_hidden_state[0]
+    targets_at = torch.as_tensor(targets_at, dtype=torch.long)
+    logits = model.lm_head(hidden[targets_at - 1])
+    return torch.nn.functional.cross_entropy(logits, ids_t[0, targets_at], reduction="none")
+
+
+def assert_losses_match(model, rows: list[dict], samples: list[tuple[list[int], int]]) -> None:
+    """Every labelled token of the rows has the loss its N-pass sample gives it (1e-5),
+    matched by (context, target); no pair is missing or extra."""
+    expected, got = defaultdict(list), defaultdict(list)
+    with torch.no_grad():
+        for ids, start in samples:
+            at = list(range(start, len(ids)))
+            for j, loss in zip(at, token_losses(model, ids, range(len(ids)), None, at), strict=True):
+                expected[(tuple(ids[:j]), ids[j])].append(loss.item())
+        for row in rows:
+            spec = row["mask_spec"]
+            mask = dense_mask(spec["seg_lens"], spec["seg_parents"])
+            at = np.flatnonzero(np.asarray(row["labels"]) != -100)
+            ids = np.asarray(row["input_ids"])
+            losses = token_losses(model, ids, row["position_ids"], mask, at)
+            for j, loss in zip(at, losses, strict=True):
+                got[(tuple(ids[mask[j - 1]].tolist()), int(ids[j]))].append(loss.item())
+    assert got.keys() == expected.keys()
+    for key, losses in expected.items():
+        np.testing.assert_allclose(sorted(got[key]), sorted(losses), rtol=0, atol=1e-5)

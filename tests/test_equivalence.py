@@ -3,22 +3,25 @@ straight with `apply_chat_template`: symbolically (every trained (context, targe
 exactly once) and numerically (a real model's per-token losses)."""
 
 import json
-from collections import defaultdict
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import TEMPLATES, reference_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import dense_mask, n_pass_pairs, n_pass_samples, one_pass_pairs
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from reference import (
+    READS,
+    assert_losses_match,
+    contract_samples,
+    n_pass_pairs,
+    one_pass_pairs,
+    tiny_qwen3,
+)
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
 from onepass_prep.pack import join
-from onepass_prep.records import Conversation, parse_line, read_jsonl
+from onepass_prep.records import Conversation, parse_line
 from onepass_prep.render import Renderer
 from onepass_prep.tokenizer import load_tokenizer
 from onepass_prep.work import layout_conversation
@@ -35,14 +38,11 @@ def convert_sample(sample_path, out, *extra):
 
 
 def reference_pairs(path, template):
-    renderer = Renderer(load_tokenizer("qwen", template and template.read_text()).tokenizer, THINK)
     tokenizer = reference_tokenizer(template)
+    reads = READS[template and template.name]
     pairs, tokens = None, 0
-    for record in read_jsonl(path, THINK):
-        assert isinstance(record, Conversation), record
-        samples = n_pass_samples(
-            renderer.template_messages(record.messages), record.tools, tokenizer
-        )
+    for line in path.read_text(encoding="utf-8").splitlines():
+        samples = contract_samples(json.loads(line), tokenizer, reads)
         tokens += sum(len(ids) for ids, _ in samples)
         pairs = n_pass_pairs(samples) if pairs is None else pairs + n_pass_pairs(samples)
     return pairs, tokens
@@ -70,8 +70,9 @@ def test_sample_data_is_exact(tmp_path, sample_path, template):
     one_pass_tokens = sum(row["num_tokens"] for row in rows)
     if template == "keep_reasoning.jinja":
         # Every sample extends the previous one: the row is the last sample, nothing more.
-        renderer = Renderer(load_tokenizer("qwen", template_path and template_path.read_text()).tokenizer, THINK)
-        last = [renderer.samples(c)[-1].input_ids for c in read_jsonl(sample_path, THINK)]
+        tokenizer, reads = reference_tokenizer(template_path), READS[template]
+        lines = sample_path.read_text(encoding="utf-8").splitlines()
+        last = [contract_samples(json.loads(line), tokenizer, reads)[-1][0] for line in lines]
         assert one_pass_tokens == sum(len(ids) for ids in last)
     else:
         assert one_pass_tokens < n_pass_tokens
@@ -98,10 +99,7 @@ def conversations(draw):
             ]
             messages += [message, {"role": "tool", "content": draw(unicode_text)}]
         messages.append(assistant(draw, draw(unicode_text)))
-    line = json.dumps({"messages": messages, "tools": tools or None}, ensure_ascii=False)
-    conversation = parse_line(line.encode(), "generated", 1, THINK)
-    assert isinstance(conversation, Conversation), conversation
-    return conversation
+    return {"messages": messages, "tools": tools or None}
 
 
 def assistant(draw, content):
@@ -118,11 +116,12 @@ def assistant(draw, content):
 
 @pytest.mark.parametrize("template", [None, "strip_history.jinja"], ids=["qwen3", "strip"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(conversation=conversations())
-def test_generated_conversations_are_exact(template, conversation):
+@given(record=conversations())
+def test_generated_conversations_are_exact(template, record):
     loaded, reference = cached_tokenizers(template)
-    renderer = Renderer(loaded.tokenizer, THINK)
-    layout = layout_conversation(conversation, renderer, max_seq_len=10**9)
+    conversation = parse_line(json.dumps(record).encode(), "generated", 1, THINK)
+    assert isinstance(conversation, Conversation), conversation
+    layout = layout_conversation(conversation, Renderer(loaded.tokenizer, THINK), max_seq_len=10**9)
     row = join([("generated", layout)])
     row_dict = {
         "input_ids": row.input_ids,
@@ -130,9 +129,7 @@ def test_generated_conversations_are_exact(template, conversation):
         "position_ids": row.position_ids,
         "mask_spec": {"seg_lens": row.seg_lens, "seg_parents": row.seg_parents},
     }
-    samples = n_pass_samples(
-        renderer.template_messages(conversation.messages), conversation.tools, reference
-    )
+    samples = contract_samples(record, reference, READS[template])
     assert one_pass_pairs(row_dict) == n_pass_pairs(samples)
 
 
@@ -147,56 +144,15 @@ def cached_tokenizers(template):
     return _tokenizers[template]
 
 
-def tiny_qwen3():
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=8192,
-        tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-    return Qwen3ForCausalLM(config).eval()
-
-
-def token_losses(model, ids, positions, mask, targets_at):
-    """Loss of predicting ids[j] from position j - 1, for each j in `targets_at`."""
-    ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)[None]
-    kwargs = {"position_ids": torch.as_tensor(np.asarray(positions), dtype=torch.long)[None]}
-    if mask is not None:
-        kwargs["attention_mask"] = torch.as_tensor(mask)[None, None]
-    hidden = model.model(input_ids=ids_t, **kwargs).last_hidden_state[0]
-    targets_at = torch.as_tensor(targets_at, dtype=torch.long)
-    logits = model.lm_head(hidden[targets_at - 1])
-    return torch.nn.functional.cross_entropy(logits, ids_t[0, targets_at], reduction="none")
-
-
-def test_one_pass_losses_equal_n_pass_losses(tmp_path, sample_path, qwen):
-    reference = reference_tokenizer()
+def test_one_pass_losses_equal_n_pass_losses(tmp_path, sample_path):
     """Tiny random Qwen3, float32, sdpa: per-token losses match N separate passes."""
+    reference = reference_tokenizer()
     subset = tmp_path / "subset.jsonl"
     subset.write_text("".join(sample_path.read_text(encoding="utf-8").splitlines(True)[:8]))
     rows = convert_sample(subset, tmp_path / "out", "--max-seq-len", "4096")
-    model = tiny_qwen3()
-    renderer = Renderer(qwen.tokenizer, THINK)
-    expected = defaultdict(list)
-    with torch.no_grad():
-        for record in read_jsonl(subset, THINK):
-            for ids, start in n_pass_samples(
-                renderer.template_messages(record.messages), record.tools, reference
-            ):
-                at = list(range(start, len(ids)))
-                for j, loss in zip(at, token_losses(model, ids, range(len(ids)), None, at), strict=True):
-                    expected[(tuple(ids[:j]), ids[j])].append(loss.item())
-        got = defaultdict(list)
-        for row in rows:
-            spec = row["mask_spec"]
-            mask = dense_mask(spec["seg_lens"], spec["seg_parents"])
-            labels = np.asarray(row["labels"])
-            at = np.flatnonzero(labels != -100)
-            losses = token_losses(model, row["input_ids"], row["position_ids"], mask, at)
-            ids = row["input_ids"]
-            for j, loss in zip(at, losses, strict=True):
-                context = tuple(np.asarray(ids)[mask[j - 1]].tolist())
-                got[(context, ids[j])].append(loss.item())
-    assert got.keys() == expected.keys()
-    for key, losses in expected.items():
-        np.testing.assert_allclose(sorted(got[key]), sorted(losses), rtol=0, atol=1e-5)
+    samples = [
+        sample
+        for line in subset.read_text(encoding="utf-8").splitlines()
+        for sample in contract_samples(json.loads(line), reference, READS[None])
+    ]
+    assert_losses_match(tiny_qwen3(), rows, samples)

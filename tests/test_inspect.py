@@ -7,13 +7,12 @@ import time
 import numpy as np
 from conftest import SAMPLE
 from PIL import Image
-from reference import dense_mask
+from reference import READS, contract_messages, dense_mask
 from runs import cli, converted, long_input, row_number, rows
 
 from onepass_prep import picture
 from onepass_prep.maskgrid import cell_edges, mask_grid
 from onepass_prep.pack import join
-from onepass_prep.records import read_jsonl
 from onepass_prep.render import Sample
 from onepass_prep.roles import ROLE_COLOURS, Role, marker_ids, parts, token_roles
 from onepass_prep.shard_reader import ShardRow, iter_rows, open_run, read_row
@@ -21,7 +20,7 @@ from onepass_prep.tokenizer import load_tokenizer
 from onepass_prep.tree import layout_samples
 
 CHATS = {json.loads(line)["id"]: json.loads(line) for line in SAMPLE.read_text().splitlines()}
-CANONICAL = {chat.id: chat for chat in read_jsonl(SAMPLE, ("<think>", "</think>"))}
+TEMPLATE_MESSAGES = {id: contract_messages(chat, READS[None]) for id, chat in CHATS.items()}
 
 
 def no_pack():
@@ -66,7 +65,7 @@ def test_roles_match_the_input_messages(qwen):
     markers = marker_ids(qwen.tokenizer)
     for row in iter_rows(open_run(no_pack())):
         chat = CHATS[row.conversation_ids[0]]
-        messages = CANONICAL[chat["id"]].messages  # reasoning split off the answers
+        messages = TEMPLATE_MESSAGES[chat["id"]]  # reasoning split off the answers
         roles = token_roles(row, markers)
         assert ((roles == Role.TRAINED) == (row.labels != -100)).all()
         tool_texts = set(merged_texts(qwen.tokenizer, row, roles, Role.TOOL))

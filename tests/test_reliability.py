@@ -10,12 +10,12 @@ import time
 from conftest import ROOT, TEMPLATES, reference_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import n_pass_pairs, n_pass_samples, one_pass_pairs
+from reference import READS, contract_samples, n_pass_pairs, one_pass_pairs
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
 from onepass_prep.pack import join
-from onepass_prep.records import Rejection, parse_line
+from onepass_prep.records import Rejection
 from onepass_prep.render import Renderer
 from onepass_prep.work import Converted, convert_lines
 
@@ -190,8 +190,7 @@ def test_fuzzed_records_convert_exactly_or_are_rejected(qwen, batch):
             continue
         assert isinstance(result, Converted)
         record = batch[result.line - 1]
-        conversation = parse_line(lines[result.line - 1][2], "fuzz.jsonl", result.line, THINK)
-        samples = n_pass_samples(renderer.template_messages(conversation.messages), None, fuzz_reference())
+        samples = contract_samples(record, fuzz_reference(), READS[None])
         row = join([(result.id, result.layout)])
         spec = {"seg_lens": row.seg_lens, "seg_parents": row.seg_parents}
         got = one_pass_pairs({"input_ids": row.input_ids, "labels": row.labels,

@@ -7,15 +7,11 @@ import json
 import numpy as np
 import pytest
 from conftest import SAMPLE, TEMPLATES, reference_tokenizer
-from reference import dense_mask, n_pass_samples
+from reference import READS, contract_samples, dense_mask
 from runs import cli, converted, rows
 
-from onepass_prep.records import read_jsonl
-from onepass_prep.render import Renderer
 from onepass_prep.shard_reader import iter_rows, open_run
-from onepass_prep.tokenizer import load_tokenizer
 
-THINK = ("<think>", "</think>")
 TEMPLATE_FILES = {
     "qwen3": None,
     "keep": TEMPLATES / "keep_reasoning.jinja",
@@ -32,11 +28,11 @@ def template_options(template: str) -> tuple[str, ...]:
 def reference_samples(template: str) -> dict[str, list[tuple[list[int], int]]]:
     """Each sample conversation's N-pass samples, rendered without the converter."""
     path = TEMPLATE_FILES[template]
-    renderer = Renderer(load_tokenizer("qwen", path and path.read_text()).tokenizer, THINK)
     tokenizer = reference_tokenizer(path)
+    records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
     return {
-        chat.id: n_pass_samples(renderer.template_messages(chat.messages), chat.tools, tokenizer)
-        for chat in read_jsonl(SAMPLE, THINK)
+        str(record["id"]): contract_samples(record, tokenizer, READS[path and path.name])
+        for record in records
     }
 
 

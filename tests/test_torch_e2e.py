@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import reference_tokenizer
-from reference import n_pass_samples
+from reference import READS, contract_samples
 from test_torch_loss import gradients, n_pass, summed_loss
 from test_torch_rows import no_onednn  # noqa: F401 (autouse fixture)
 from test_torch_trainer import compare_runs
@@ -23,11 +23,8 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
-from onepass_prep.records import read_jsonl
-from onepass_prep.render import Renderer
 from onepass_prep.torch import OnePassCollator, OnePassDataset, install_mask_hook
 
-THINK = ("<think>", "</think>")
 CHOSEN = ["math-005", "chat-001", "sharegpt-001"]  # in file order
 CONFIG = Qwen3Config(
     vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -41,7 +38,7 @@ def tiny_qwen3() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory, sample_path: Path, qwen) -> dict:
+def converted(tmp_path_factory: pytest.TempPathFactory, sample_path: Path) -> dict:
     """The chosen chats converted packed and unpacked, and their N-pass samples."""
     tmp = tmp_path_factory.mktemp("e2e")
     lines = [
@@ -57,12 +54,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory, sample_path: Path, qwen)
         )
         assert result.exit_code == 0, result.output
         out[name] = tmp / name
-    renderer = Renderer(qwen.tokenizer, THINK)
     tokenizer = reference_tokenizer()
-    out["chats"] = [
-        n_pass_samples(renderer.template_messages(record.messages), record.tools, tokenizer)
-        for record in read_jsonl(subset, THINK)
-    ]
+    out["chats"] = [contract_samples(json.loads(line), tokenizer, READS[None]) for line in lines]
     out["tokenizer"] = tokenizer
     return out
 
