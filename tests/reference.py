@@ -17,6 +17,13 @@ THINK = ("<think>", "</think>")
 # template's source by a person (the converter finds it by rendering probes).
 READS = {
     None: "reasoning_content",  # the bundled Qwen3 template
+    "qwen3.jinja": "reasoning_content",
+    "qwq-32b.jinja": None,  # splits content on </think>
+    "deepseek-r1-distill-qwen.jinja": None,  # splits content on </think>
+    "deepseek-v3.1.jinja": None,  # splits content on </think>
+    "gpt-oss.jinja": "thinking",
+    "glm-4.6.jinja": "reasoning_content",
+    "smollm3.jinja": None,  # renders content as given
     "keep_reasoning.jinja": "reasoning_content",
     "raises.jinja": "reasoning_content",
     "strip_history.jinja": None,
