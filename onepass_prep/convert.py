@@ -149,7 +149,8 @@ def convert(
             run.sync = SyncPoint(*position, summary.rows, rejected.tell(), _counts(summary))
     shards = writer.close()
     summary.shards = len(shards)
-    write_manifest(out_dir, _manifest(loaded, options, inputs, shards, summary))
+    reasoning_field = renderer.reasoning_field(options.chat_template_kwargs)
+    write_manifest(out_dir, _manifest(loaded, reasoning_field, options, inputs, shards, summary))
     run.finish()
     return summary
 
@@ -179,7 +180,7 @@ def _option_values(options: ConvertOptions) -> dict:
     return values
 
 
-def _manifest(loaded, options, inputs, shards, summary: ConvertSummary) -> dict:
+def _manifest(loaded, reasoning_field, options, inputs, shards, summary: ConvertSummary) -> dict:
     return {
         "format": "onepass-prep",
         "format_version": FORMAT_VERSION,
@@ -188,6 +189,7 @@ def _manifest(loaded, options, inputs, shards, summary: ConvertSummary) -> dict:
             "name": loaded.name,
             "hash": loaded.hash,
             "chat_template": loaded.tokenizer.chat_template,
+            "reasoning_field": reasoning_field,
         },
         "options": _option_values(options),
         "inputs": [str(path) for path in inputs],

@@ -121,3 +121,11 @@ def test_shards_read_as_they_are_in_duckdb_and_polars(tmp_path, sample_path):
     assert frame["mask_spec"].struct.field("seg_lens")[0].to_list() == expected.column("mask_spec")[0].as_py()["seg_lens"]
     rows, tokens = duckdb.sql(f"select count(*), sum(len(input_ids)) from read_parquet('{shards}')").fetchall()[0]
     assert (rows, tokens) == (expected.num_rows, sum(expected.column("num_tokens").to_pylist()))
+
+
+def test_chat_template_kwargs_must_be_a_json_object_of_template_switches(tmp_path, sample_path):
+    for value, message in (("{oops", "not JSON"), ("[1]", "expected a JSON object"),
+                           ('{"tokenize": false}', "sets tokenize itself")):
+        result = run("convert", sample_path, "--model", "qwen", "-o", tmp_path / "out",
+                     "--chat-template-kwargs", value)
+        assert result.exit_code == 2 and message in result.output, result.output
