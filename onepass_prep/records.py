@@ -1,6 +1,8 @@
-"""Read chat JSONL into one canonical message form, or a rejection with a reason.
+"""Read chat JSONL into conversations, their text as given, or a rejection with a reason.
 
-Every line becomes exactly one `Conversation` or one `Rejection` (empty lines are
+Both shapes (OpenAI messages, ShareGPT) become one message form; reasoning given apart
+from the content is held aside for the renderer, which alone knows where the template
+reads it. Every line becomes exactly one `Conversation` or one `Rejection` (empty lines are
 skipped), so the totals always reconcile: read = converted + rejected.
 """
 
