@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synth  # noqa: E402
 
 from onepass_prep.convert import ConvertOptions, convert  # noqa: E402
-from onepass_prep.records import Conversation, read_jsonl  # noqa: E402
-from onepass_prep.render import Renderer  # noqa: E402
-from onepass_prep.tokenizer import load_tokenizer, qwen_tokenizer_dir  # noqa: E402
-from onepass_prep.work import layout_conversation  # noqa: E402
+from onepass_prep.convert.records import Conversation, read_jsonl  # noqa: E402
+from onepass_prep.convert.render import Renderer  # noqa: E402
+from onepass_prep.convert.tokenizer import load_tokenizer, qwen_tokenizer_dir  # noqa: E402
+from onepass_prep.convert.work import layout_conversation  # noqa: E402
 
 THINK = ("<think>", "</think>")
 SECTIONS = "conversion,packing,growth,training,memory"

@@ -14,7 +14,7 @@ from common import load_model, parse_args
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from onepass_prep.tokenizer import qwen_tokenizer_dir
+from onepass_prep.convert.tokenizer import qwen_tokenizer_dir
 from onepass_prep.torch import OnePassCollator, OnePassDataset, check_vocab_size, install_mask_hook
 
 

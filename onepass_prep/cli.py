@@ -7,11 +7,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from onepass_prep.convert import ConvertError, ConvertOptions, ConvertSummary, StrictError, convert
-from onepass_prep.records import RESERVED_TEMPLATE_ARGUMENTS
+from onepass_prep.convert.records import RESERVED_TEMPLATE_ARGUMENTS
 
 app = typer.Typer(
     help="Exact one-pass training data for multi-turn reasoning chats.",
@@ -89,10 +90,10 @@ def convert_command(
             task = progress.add_task("convert", total=total)
             summary = convert(inputs, out_dir, options, lambda size: progress.advance(task, size))
     except StrictError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3) from None
     except ConvertError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print(f"interrupted: continue with the same command and --resume (output: {out_dir})")
@@ -133,7 +134,7 @@ def summary_table(summary: ConvertSummary, out_dir: Path) -> Table:
 
 def _open(path: Path, model: str | None):
     """The run, its tokenizer, and a warning line if the tokenizer is not the recorded one."""
-    from onepass_prep.shard_reader import load_run_tokenizer, open_run
+    from onepass_prep.inspection.runs import load_run_tokenizer, open_run
 
     run = open_run(path)
     loaded, same = load_run_tokenizer(run, model)
@@ -162,8 +163,9 @@ def inspect_command(
     model: str | None = typer.Option(None, "--model", "-m", help="Tokenizer to decode with, instead of the manifest's."),
 ) -> None:
     """Show one row: its segment tree with roles and text, and its attention mask."""
-    from onepass_prep.shard_reader import ShardError, read_row
-    from onepass_prep.view import RowView, header, mask_text, segment_tree, token_table
+    from onepass_prep.format import FormatError
+    from onepass_prep.inspection.runs import read_row
+    from onepass_prep.inspection.view import RowView, header, mask_text, segment_tree, token_table
 
     out = Console()
     try:
@@ -176,12 +178,12 @@ def inspect_command(
             out.print(segment_tree(view, out.width))
             out.print(mask_text(view, out.width))
         if png is not None:
-            from onepass_prep.picture import save_mask_picture
+            from onepass_prep.inspection.picture import save_mask_picture
 
             width, height = save_mask_picture(view, png)
             out.print(f"wrote {png} ({width}x{height})")
-    except ShardError as error:
-        console.print(f"[red]error:[/red] {error}")
+    except FormatError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
 
 
@@ -192,13 +194,14 @@ def stats_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Rows, conversations, turns, lengths, and tokens and attention work one-pass vs N-pass."""
-    from onepass_prep.shard_reader import ShardError, open_run
-    from onepass_prep.stats import compute_stats, stats_json, stats_view
+    from onepass_prep.format import FormatError
+    from onepass_prep.inspection.runs import open_run
+    from onepass_prep.inspection.stats import compute_stats, stats_json, stats_view
 
     try:
         stats = compute_stats(open_run(path))
-    except ShardError as error:
-        console.print(f"[red]error:[/red] {error}")
+    except FormatError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(stats_json(stats), indent=2))
@@ -216,14 +219,15 @@ def verify_command(
     model_check: bool = typer.Option(False, help="Also compare per-token losses of a tiny random Qwen3 (needs torch)."),
 ) -> None:
     """Re-render the N-pass samples and check every row against them: exit 0 only if exact."""
-    from onepass_prep.shard_reader import ShardError, open_run
-    from onepass_prep.verify import verify
+    from onepass_prep.format import FormatError
+    from onepass_prep.inspection.runs import open_run
+    from onepass_prep.inspection.verify import verify
 
     out = Console()
     try:
         report = verify(open_run(path), inputs, model, model_check)
-    except ShardError as error:
-        console.print(f"[red]error:[/red] {error}")
+    except FormatError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
     out.print(
         f"{report.conversations:,} conversations ({report.rejected_skipped:,} rejected by the run, "

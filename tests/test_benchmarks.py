@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers.paths import ROOT
 
 
 def test_benchmark_quick_run_reports_every_section(tmp_path):

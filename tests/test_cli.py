@@ -8,7 +8,7 @@ import sys
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import ROOT
+from helpers.paths import ROOT
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app

@@ -4,13 +4,13 @@ mask-free tree attention.
 Imports torch, numpy and pyarrow only. See docs/training.md.
 """
 
+from onepass_prep.format import FORMAT_VERSION, FormatError, validate_batch
+
 from .collate import STRUCTURE_KEY, OnePassCollator
 from .dataset import OnePassDataset, OnePassIterableDataset, check_vocab_size, max_token_id
-from .format import FORMAT_VERSION, FormatError
 from .hook import MaskKind, build_attention_mask, install_mask_hook
 from .masks import block_mask, bool_mask, float_mask, tree_mask_mod
 from .tree_attention import PLAN_KEY, TREE_ATTENTION, register_tree_attention, tree_plan
-from .validate import validate_batch
 
 __all__ = [
     "FORMAT_VERSION",

@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .structure import token_subtree_end
-from .validate import IGNORE_INDEX
+from onepass_prep.format import IGNORE_INDEX, token_subtree_end
 
 STRUCTURE_KEY = "subtree_end"
 

@@ -22,8 +22,15 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .format import Source, open_shard, read_row_group, resolve_shards
-from .validate import list_columns, list_parts, validate_batch
+from onepass_prep.format import (
+    Source,
+    list_columns,
+    list_parts,
+    open_shard,
+    read_row_group,
+    resolve_shards,
+    validate_batch,
+)
 
 Row = dict[str, Any]
 
@@ -39,7 +46,7 @@ class _Rows:
         self.num_rows = batch.num_rows
 
     def __getitem__(self, i: int) -> Row:
-        row = {name: values[off[i] : off[i + 1]] for name, (off, values) in self.parts.items()}
+        row: Row = {name: values[off[i] : off[i + 1]] for name, (off, values) in self.parts.items()}
         row["mask_spec"] = {"seg_lens": row.pop("seg_lens"), "seg_parents": row.pop("seg_parents")}
         return row
 
@@ -118,6 +125,7 @@ class OnePassDataset(Dataset):
             raise IndexError(index)
         if self._blocks is None:
             self._open()
+        assert self._blocks is not None
         index %= len(self)
         block = bisect.bisect_right(self._starts, index) - 1
         return self._blocks[block][index - self._starts[block]]
@@ -147,7 +155,7 @@ class OnePassIterableDataset(IterableDataset):
     ) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
-        if rank is not None and not 0 <= rank < world_size:
+        if rank is not None and world_size is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.files = resolve_shards(source)
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
@@ -166,7 +174,7 @@ class OnePassIterableDataset(IterableDataset):
 
     def _consumer(self) -> tuple[int, int]:
         rank, world = self.rank, self.world_size
-        if rank is None:
+        if rank is None or world is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if distributed else 0
             world = torch.distributed.get_world_size() if distributed else 1

@@ -8,7 +8,7 @@ O(L) until the model's forward, and the L x L mask is built there, on the model'
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch.utils.hooks import RemovableHandle
 from .collate import STRUCTURE_KEY
 from .masks import block_mask, bool_mask, float_mask
 from .tree_attention import PLAN_KEY, TREE_ATTENTION, register_tree_attention, tree_plan
+
+if TYPE_CHECKING:  # the hook serves transformers models; the runtime does not import it
+    from transformers import PreTrainedModel
 
 MaskKind = Literal["float", "bool", "flex", "tree"]
 
@@ -31,7 +34,7 @@ _ALLOWED: dict[str, tuple[MaskKind, ...]] = {
 }
 
 
-def _kind_for(model: nn.Module, kind: MaskKind | None) -> MaskKind:
+def _kind_for(model: PreTrainedModel, kind: MaskKind | None) -> MaskKind:
     implementation = model.config._attn_implementation
     allowed = _ALLOWED.get(implementation)
     if allowed is None:
@@ -47,7 +50,7 @@ def _kind_for(model: nn.Module, kind: MaskKind | None) -> MaskKind:
 
 
 def build_attention_mask(
-    model: nn.Module, subtree_end: torch.Tensor, kind: MaskKind | None = None
+    model: PreTrainedModel, subtree_end: torch.Tensor, kind: MaskKind | None = None
 ) -> torch.Tensor | BlockMask:
     """The mask ``model`` needs for this batch, on the model's device and in its dtype."""
     subtree_end = subtree_end.to(model.device, non_blocking=True)
@@ -62,7 +65,7 @@ def build_attention_mask(
 
 
 def _structure_inputs(
-    model: nn.Module, subtree_end: torch.Tensor, kind: MaskKind | None
+    model: PreTrainedModel, subtree_end: torch.Tensor, kind: MaskKind | None
 ) -> dict[str, Any]:
     """The model-call arguments that carry the tree: a mask, or tree attention's plan."""
     if _kind_for(model, kind) == "tree":
@@ -70,7 +73,7 @@ def _structure_inputs(
     return {"attention_mask": build_attention_mask(model, subtree_end, kind)}
 
 
-def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> RemovableHandle:
+def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> RemovableHandle:
     """Make ``model(**batch)`` build ``attention_mask`` from the collator's ``subtree_end``.
 
     ``kind`` defaults to what the model's attention implementation takes (sdpa: bool, eager:
@@ -89,7 +92,7 @@ def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> Removab
         model.set_attn_implementation(TREE_ATTENTION)
     _kind_for(model, kind)  # fail at install time on an impossible combination
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if STRUCTURE_KEY not in kwargs:
             raise ValueError(
                 f"the mask hook needs '{STRUCTURE_KEY}' in the model's inputs (OnePassCollator "
@@ -99,9 +102,9 @@ def install_mask_hook(model: nn.Module, kind: MaskKind | None = None) -> Removab
             raise ValueError("the mask hook needs the batch's position_ids (tree depths)")
         if kwargs.get("attention_mask") is not None:
             raise ValueError("the batch already has an attention_mask; the hook builds it")
-        kwargs.update(_structure_inputs(module, kwargs.pop(STRUCTURE_KEY), kind))
+        kwargs.update(_structure_inputs(model, kwargs.pop(STRUCTURE_KEY), kind))
         return args, kwargs
 
-    hook.onepass_mask_hook = True
+    hook.onepass_mask_hook = True  # type: ignore[attr-defined]
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 

@@ -1,0 +1,265 @@
+"""Render a conversation into its N-pass samples with the model's own chat template.
+
+Sample i is `template(messages[:i+1])` for each assistant message i; its trained tokens
+are those past the longest common prefix with `template(messages[:i],
+add_generation_prompt=True)`. Nothing here assumes where reasoning sits: the layout is
+derived from these token sequences alone, so it is exact for any template.
+
+The messages the template sees are the record's after the normalization of
+docs/input.md, and nothing else: reasoning goes where the template reads it (found by
+rendering probes, once per template and set of template kwargs), a null content becomes
+"" only where the template cannot render null.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from onepass_prep.convert.encode import PieceEncoder
+from onepass_prep.convert.records import (
+    REASONING_FIELDS,
+    BadRecord,
+    Conversation,
+    split_inline_reasoning,
+)
+
+# Whether a turn was given reasoning, and if so whether its trained tokens hold it.
+Reasoning = Literal["none", "kept", "dropped"]
+PROBE = "onepass-prep probe 7f3a91"
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray  # int32, the full rendered sequence of one N-pass sample
+    train_start: int  # first trained position; positions before it are context
+    reasoning: Reasoning = "none"
+
+    @property
+    def num_trained(self) -> int:
+        return max(0, len(self.input_ids) - self.train_start)
+
+
+@dataclass
+class RenderedTurn:
+    prompt: str  # messages[:i] with the generation prompt
+    text: str  # messages[:i+1]
+    reasoning: Reasoning
+
+
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+def common_prefix_chars(a: str, b: str) -> int:
+    """Length of the longest common prefix, by bisection on C-level slice compares."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def template_messages(
+    conversation: Conversation, field: str | None, think_tags: tuple[str, str]
+) -> tuple[list[dict], list[str | None]]:
+    """The messages as the template receives them (before the null fallback), and each
+    message's reasoning text (for the audit).
+
+    `field` is the reasoning field the template reads, or None: then reasoning given
+    apart is inlined as `OPEN\\n{r}\\nCLOSE\\n\\n{content}` and inline reasoning stays as
+    written. With a field, inline reasoning moves into it.
+    """
+    open_tag, close_tag = think_tags
+    messages, reasoning = [], []
+    for index, (message, given) in enumerate(
+        zip(conversation.messages, conversation.reasoning, strict=True)
+    ):
+        content = message["content"]
+        if given is None and message["role"] == "assistant" and isinstance(content, str):
+            try:
+                inline = split_inline_reasoning(content, think_tags)
+            except BadRecord as error:
+                if field is not None:  # it must move, and cannot
+                    raise BadRecord("bad-think-tags", f"message {index} has {error}") from None
+                inline = None  # passed as written; the template decides
+            if inline is not None:
+                given = inline[0]
+                if field is not None:
+                    message = {**message, "content": inline[1], field: given}
+        elif given is not None:
+            if field is not None:
+                message = {**message, field: given}
+            else:
+                message = {**message, "content": f"{open_tag}\n{given}\n{close_tag}\n\n{content or ''}"}
+        messages.append(message)
+        reasoning.append(given)
+    return messages, reasoning
+
+
+T = TypeVar("T")
+
+
+def with_null_fallback(render: Callable[[list[dict]], T], messages: list[dict]) -> T:
+    """`render(messages)`; if the template raises and some content is null, the same
+    messages with "" for null: the record is rendered one way for all its samples."""
+    try:
+        return render(messages)
+    except BadRecord:
+        if not any(message["content"] is None for message in messages):
+            raise
+    return render([{**m, "content": ""} if m["content"] is None else m for m in messages])
+
+
+def template_error(error: Exception) -> BadRecord:
+    return BadRecord("template-error", f"chat template failed: {type(error).__name__}: {error}")
+
+
+Rendered = list[RenderedTurn] | BadRecord
+
+
+class Renderer:
+    """Turns conversations into N-pass samples for one tokenizer, template and set of
+    template kwargs (a record's own `chat_template_kwargs` are merged over them)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        think_tags: tuple[str, str],
+        template_kwargs: dict | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.think_tags = think_tags
+        self.template_kwargs = template_kwargs or {}
+        self.encoder = PieceEncoder(tokenizer.backend_tokenizer)
+        self._fields: dict[str, str | None] = {}
+
+    def kwargs_for(self, conversation: Conversation) -> dict:
+        return {**self.template_kwargs, **conversation.template_kwargs}
+
+    def reasoning_field(self, kwargs: dict) -> str | None:
+        """The reasoning field the template renders in the turn being trained, found by
+        rendering a probe conversation per candidate name (once per set of kwargs)."""
+        key = json.dumps(kwargs, sort_keys=True)
+        if key not in self._fields:
+            self._fields[key] = next(
+                (name for name in REASONING_FIELDS if self._renders_field(name, kwargs)), None
+            )
+        return self._fields[key]
+
+    def _renders_field(self, name: str, kwargs: dict) -> bool:
+        turn = [
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "4", name: PROBE},
+        ]
+        # Some templates insist on a system message first.
+        for messages in (turn, [{"role": "system", "content": "Be brief."}, *turn]):
+            try:
+                return PROBE in self._apply(messages, None, False, kwargs)
+            except BadRecord:
+                continue
+        return False
+
+    def template_input(self, conversation: Conversation) -> tuple[list[dict], list[str | None], dict]:
+        """(messages before the null fallback, each message's reasoning, kwargs)."""
+        kwargs = self.kwargs_for(conversation)
+        field = self.reasoning_field(kwargs)
+        messages, reasoning = template_messages(conversation, field, self.think_tags)
+        return messages, reasoning, kwargs
+
+    def render_turns(self, conversation: Conversation) -> list[RenderedTurn]:
+        """The prompt and sample texts of each assistant message, in order, each with
+        whether its reasoning made it into its trained text."""
+        messages, reasoning, kwargs = self.template_input(conversation)
+
+        def render(messages: list[dict]) -> list[tuple[int, str, str]]:
+            return [
+                (
+                    index,
+                    self._apply(messages[:index], conversation.tools, True, kwargs),
+                    self._apply(messages[: index + 1], conversation.tools, False, kwargs),
+                )
+                for index, message in enumerate(messages)
+                if message["role"] == "assistant"
+            ]
+
+        return [
+            RenderedTurn(prompt, text, _audit(reasoning[index], prompt, text))
+            for index, prompt, text in with_null_fallback(render, messages)
+        ]
+
+    def samples(self, conversation: Conversation) -> list[Sample]:
+        result = self.tokenize(self.render_many([conversation]))[0]
+        if isinstance(result, BadRecord):
+            raise result
+        return result
+
+    def render_many(self, conversations: list[Conversation]) -> list[Rendered]:
+        """Each conversation's renderings, or why the template refused it (Python work)."""
+        rendered: list[Rendered] = []
+        for conversation in conversations:
+            try:
+                rendered.append(self.render_turns(conversation))
+            except BadRecord as error:
+                rendered.append(error)
+        return rendered
+
+    def tokenize(self, rendered: list[Rendered]) -> list[list[Sample] | BadRecord]:
+        """Samples from renderings, all tokenized in one call (work the tokenizer does
+        outside the GIL): distinct pieces shared between conversations (system prompts,
+        tool lists) are tokenized once, and its threads get a batch large enough to keep
+        them busy."""
+        texts = [
+            text
+            for turns in rendered
+            if isinstance(turns, list)
+            for turn in turns
+            for text in (turn.prompt, turn.text)
+        ]
+        ids = iter(self.encoder.encode(texts))
+        results: list[list[Sample] | BadRecord] = []
+        for turns in rendered:
+            if isinstance(turns, BadRecord):
+                results.append(turns)
+                continue
+            samples = []
+            for turn in turns:
+                prompt_ids, sample_ids = next(ids), next(ids)
+                start = max(1, common_prefix_length(prompt_ids, sample_ids))
+                samples.append(Sample(sample_ids, start, turn.reasoning))
+            results.append(samples)
+        return results
+
+    def _apply(
+        self, messages: list[dict], tools: list[dict] | None, generation_prompt: bool, kwargs: dict
+    ) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,  # type: ignore[arg-type]  # transformers types tools as dict | Callable
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                **kwargs,
+            )
+        except Exception as error:  # a template may raise anything; the record is bad
+            raise template_error(error) from None
+        assert isinstance(text, str)  # tokenize=False
+        return text
+
+
+def _audit(reasoning: str | None, prompt: str, text: str) -> Reasoning:
+    """Whether given reasoning appears in the text past what the prompt already holds."""
+    if reasoning is None or not reasoning.strip():
+        return "none"
+    trained = text[common_prefix_chars(prompt, text) :]
+    return "kept" if reasoning.strip() in trained else "dropped"

@@ -1,0 +1,215 @@
+"""The conversion pipeline: JSONL -> canonical chats -> N-pass samples -> prefix tree ->
+rows -> packed rows -> Parquet shards. Each step lives in its own module; this one only
+wires them together and keeps the counts."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from onepass_prep import __version__
+from onepass_prep.convert.checkpoint import Checkpoint, RunError, SyncPoint
+from onepass_prep.convert.pack import pack
+from onepass_prep.convert.render import Renderer
+from onepass_prep.convert.shards import ShardWriter, write_manifest
+from onepass_prep.convert.tokenizer import load_tokenizer
+from onepass_prep.convert.tree import Layout
+from onepass_prep.convert.work import Converted, ordered_results, read_batches
+from onepass_prep.format import FORMAT_NAME, FORMAT_VERSION, REJECTED
+
+
+class ConvertError(Exception):
+    """A problem with the run as a whole (not with one record)."""
+
+
+@dataclass
+class ConvertOptions:
+    model: str = "qwen"
+    chat_template: Path | None = None
+    think_tags: tuple[str, str] = ("<think>", "</think>")
+    chat_template_kwargs: dict = field(default_factory=dict)
+    max_seq_len: int = 32768
+    pack: bool = True
+    rows_per_shard: int = 1000
+    num_proc: int = 1
+    overwrite: bool = False
+    resume: bool = False
+    strict: bool = False
+
+
+@dataclass
+class ConvertSummary:
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+    rejected_by_kind: Counter = field(default_factory=Counter)
+    rows: int = 0
+    shards: int = 0
+    one_pass_tokens: int = 0
+    n_pass_tokens: int = 0
+    trained_tokens: int = 0
+    reasoning_turns: int = 0  # trained turns given reasoning
+    reasoning_dropped: int = 0  # of those, turns the template trains without it
+    max_seq_len: int = 0
+
+    @property
+    def token_saving(self) -> float:
+        """Fraction of N-pass tokens the one-pass rows do not spend."""
+        return 1 - self.one_pass_tokens / self.n_pass_tokens if self.n_pass_tokens else 0.0
+
+    @property
+    def fill_rate(self) -> float:
+        capacity = self.rows * self.max_seq_len
+        return self.one_pass_tokens / capacity if capacity else 0.0
+
+
+class StrictError(ConvertError):
+    """--strict met a record it could not convert."""
+
+
+def _fingerprint(options: ConvertOptions, inputs: list[Path], tokenizer_hash: str) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    values = _option_values(options)
+    for free in ("overwrite", "resume", "num_proc", "strict"):
+        values.pop(free)
+    stats = [path.stat() for path in inputs]
+    return {
+        "options": values,
+        "inputs": [[str(p), st.st_size, st.st_mtime_ns] for p, st in zip(inputs, stats, strict=True)],
+        "tokenizer": tokenizer_hash,
+        "tool_version": __version__,
+    }
+
+
+def convert(
+    inputs: list[Path],
+    out_dir: Path,
+    options: ConvertOptions,
+    progress: Callable[[int], None] = lambda _bytes: None,
+) -> ConvertSummary:
+    """Convert `inputs` into `out_dir`; `progress` is called with byte counts as lines finish."""
+    for path in inputs:
+        if not path.is_file():
+            raise ConvertError(f"input file {path} does not exist")
+    if len({path.resolve() for path in inputs}) != len(inputs):
+        raise ConvertError("an input file is given twice")
+    template = options.chat_template.read_text(encoding="utf-8") if options.chat_template else None
+    loaded = load_tokenizer(options.model, template)
+    renderer = Renderer(loaded.tokenizer, options.think_tags, options.chat_template_kwargs)
+    try:
+        run = Checkpoint.start(
+            out_dir, _fingerprint(options, inputs, loaded.hash), options.overwrite, options.resume
+        )
+    except RunError as error:
+        raise ConvertError(str(error)) from None
+    summary = ConvertSummary(max_seq_len=options.max_seq_len)
+    _restore_counts(summary, run.sync.counts)
+    writer = ShardWriter(out_dir, options.rows_per_shard, run.shards, run.save)
+    file_index = {str(path): index for index, path in enumerate(inputs)}
+    position = (run.sync.file, run.sync.line)
+
+    with open(out_dir / REJECTED, "ab") as rejected:
+
+        def converted() -> Iterator[tuple[str, Layout]]:
+            nonlocal position
+            batches = read_batches(inputs, run.sync.file, run.sync.line, progress)
+            work = ordered_results(
+                batches, renderer, options.model, options.think_tags, options.max_seq_len, options.num_proc
+            )
+            for batch, results in work:
+                progress(sum(len(raw) for _, _, raw in batch))
+                for result in results:
+                    position = (file_index[result.source], result.line + 1)
+                    summary.read += 1
+                    if isinstance(result, Converted):
+                        summary.written += 1
+                        summary.reasoning_turns += result.reasoning_turns
+                        summary.reasoning_dropped += result.reasoning_dropped
+                        yield result.id, result.layout
+                        continue
+                    if options.strict:
+                        raise StrictError(f"{result.source}:{result.line}: {result.reason}")
+                    summary.rejected += 1
+                    summary.rejected_by_kind[result.kind] += 1
+                    rejected.write((json.dumps(result.to_json(), ensure_ascii=False) + "\n").encode())
+
+        for group in pack(converted(), options.max_seq_len, options.pack):
+            for row in group:
+                summary.rows += 1
+                summary.one_pass_tokens += len(row)
+                summary.n_pass_tokens += row.n_pass_tokens
+                summary.trained_tokens += row.num_trained
+                if run.skip_rows:
+                    run.skip_rows -= 1  # already in a shard the interrupted run completed
+                else:
+                    writer.write(row)
+            rejected.flush()
+            run.sync = SyncPoint(*position, summary.rows, rejected.tell(), _counts(summary))
+    shards = writer.close()
+    summary.shards = len(shards)
+    reasoning_field = renderer.reasoning_field(options.chat_template_kwargs)
+    write_manifest(out_dir, _manifest(loaded, reasoning_field, options, inputs, shards, summary))
+    run.finish()
+    return summary
+
+
+COUNTED = (
+    "read", "written", "rejected", "rows", "one_pass_tokens", "n_pass_tokens", "trained_tokens",
+    "reasoning_turns", "reasoning_dropped",
+)
+
+
+def _counts(summary: ConvertSummary) -> dict:
+    counts = {name: getattr(summary, name) for name in COUNTED}
+    counts["rejected_by_kind"] = dict(summary.rejected_by_kind)
+    return counts
+
+
+def _restore_counts(summary: ConvertSummary, counts: dict) -> None:
+    for name in COUNTED:
+        setattr(summary, name, counts.get(name, 0))
+    summary.rejected_by_kind.update(counts.get("rejected_by_kind", {}))
+
+
+def _option_values(options: ConvertOptions) -> dict:
+    values = asdict(options)
+    values["chat_template"] = str(options.chat_template) if options.chat_template else None
+    values["think_tags"] = list(options.think_tags)
+    return values
+
+
+def _manifest(loaded, reasoning_field, options, inputs, shards, summary: ConvertSummary) -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "tokenizer": {
+            "name": loaded.name,
+            "hash": loaded.hash,
+            "chat_template": loaded.tokenizer.chat_template,
+            "reasoning_field": reasoning_field,
+        },
+        "options": _option_values(options),
+        "inputs": [str(path) for path in inputs],
+        "shards": shards,
+        "counts": {
+            "read": summary.read,
+            "written": summary.written,
+            "rejected": summary.rejected,
+            "rejected_by_kind": dict(sorted(summary.rejected_by_kind.items())),
+        },
+        "tokens": {
+            "one_pass": summary.one_pass_tokens,
+            "n_pass": summary.n_pass_tokens,
+            "trained": summary.trained_tokens,
+        },
+        "rows": summary.rows,
+        "fill_rate": round(summary.fill_rate, 6),
+        "reasoning_audit": {
+            "turns_with_reasoning": summary.reasoning_turns,
+            "reasoning_dropped": summary.reasoning_dropped,
+        },
+    }

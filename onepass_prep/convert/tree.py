@@ -1,0 +1,191 @@
+"""Lay out a conversation's N-pass samples as one tree-shaped row.
+
+The samples' token sequences form a prefix tree. Shared prefixes are kept once; every
+trained token of every sample is labelled exactly once, at a node whose root path is
+that sample's own context. Nodes are runs of tokens (a compressed trie) and are matched
+with array comparisons, so the cost is a handful of numpy calls per sample rather than
+Python work per token.
+
+Two rules keep the ordinary causal-LM shift right (token j is predicted from j - 1):
+- a labelled run starts right after its parent in the row, so each node has at most one
+  child whose first token is labelled, and that child is laid out first;
+- where a second labelled branch must leave the same token, or a sample would label a
+  token another sample already labels, the branch starts one token earlier with an
+  unlabelled copy of the branch-point token, which no other sample reuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onepass_prep.convert.render import Sample
+from onepass_prep.format import IGNORE_INDEX
+
+
+@dataclass(eq=False)
+class Node:
+    sample: int  # a sample whose tokens [start, end) are this node's tokens
+    start: int
+    end: int
+    label: int = -1  # the sample this run is trained for, or -1 for context
+    copy: bool = False  # a repeated branch-point token, private to one branch
+    children: list[Node] = field(default_factory=list)
+    labelled_child: Node | None = None  # the one child whose first token is trained
+
+
+@dataclass
+class Layout:
+    """One conversation laid out per docs/FORMAT.md (one tree, before packing)."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    labels: np.ndarray
+    seg_lens: np.ndarray
+    seg_parents: np.ndarray
+    n_pass_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class PrefixTree:
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+        self.root = Node(sample=-1, start=0, end=0)
+        for index, sample in enumerate(samples):
+            if sample.num_trained:
+                self._insert(index)
+
+    def _tokens(self, node: Node) -> np.ndarray:
+        return self.samples[node.sample].input_ids
+
+    def _first_token(self, node: Node) -> int:
+        return int(self._tokens(node)[node.start])
+
+    def _split(self, node: Node, depth: int) -> Node:
+        """Cut `node` at `depth` (start < depth < end); return the lower half."""
+        lower = Node(node.sample, depth, node.end, node.label, False, node.children)
+        lower.labelled_child = node.labelled_child
+        node.end = depth
+        node.children = [lower]
+        node.labelled_child = lower if node.label >= 0 else None
+        return lower
+
+    def _cut(self, path: list[Node], depth: int) -> Node:
+        """Make a node boundary at `depth` along `path`; return the node ending there."""
+        if depth == 0:
+            return self.root
+        for position, node in enumerate(path):
+            if node.end == depth:
+                return node
+            if node.start < depth < node.end:
+                path.insert(position + 1, self._split(node, depth))
+                return node
+        raise AssertionError(f"depth {depth} is not on the path")
+
+    def _insert(self, index: int) -> None:
+        tokens = self.samples[index].input_ids
+        train_start, length = self.samples[index].train_start, len(tokens)
+        path: list[Node] = []
+        node, depth = self.root, 0
+        while depth < length:
+            child = next(
+                (c for c in node.children if not c.copy and self._first_token(c) == tokens[depth]),
+                None,
+            )
+            if child is None:
+                break
+            if depth >= train_start and (
+                child.label >= 0 or node.labelled_child not in (None, child)
+            ):
+                break  # labelling this child would clash with another sample's labels
+            limit = min(child.end, length)
+            theirs = self._tokens(child)[depth:limit]
+            differ = np.flatnonzero(theirs != tokens[depth:limit])
+            shared_end = depth + int(differ[0]) if differ.size else limit
+            if child.label >= 0:
+                shared_end = min(shared_end, max(depth, train_start))
+            path.append(child)
+            if shared_end < child.end:
+                depth = shared_end
+                break
+            node, depth = child, child.end
+        shared = depth
+        if train_start < shared:  # label the shared tokens this sample trains
+            self._cut(path, train_start)
+            self._cut(path, shared)
+            parent = self.root
+            for node in path:
+                if node.end > shared:
+                    break
+                if node.start >= train_start:
+                    node.label = index
+                    parent.labelled_child = node
+                parent = node
+        if shared == length:
+            return
+        attach = self._cut(path, shared)
+        if shared >= train_start and attach.labelled_child is not None:
+            # A copy of the branch-point token gives this branch a parent of its own.
+            attach = self._cut(path, shared - 1)
+            copy = Node(index, shared - 1, shared, copy=True)
+            attach.children.append(copy)
+            attach = copy
+        self._add_branch(attach, index, shared, train_start, length)
+
+    def _add_branch(self, attach: Node, index: int, start: int, train_start: int, end: int) -> None:
+        if start < train_start:
+            context = Node(index, start, train_start)
+            attach.children.append(context)
+            attach, start = context, train_start
+        trained = Node(index, start, end, label=index)
+        attach.children.append(trained)
+        attach.labelled_child = trained
+
+    def layout(self) -> Layout:
+        empty = np.zeros(0, np.int32)
+        ids, positions, labels = [empty], [empty], [empty]
+        seg_lens: list[int] = []
+        seg_parents: list[int] = []
+        # Depth-first pre-order; the labelled child goes first so it follows its parent.
+        stack: list[tuple[Node, int]] = [
+            (child, -1) for child in reversed(self._ordered_children(self.root))
+        ]
+        while stack:
+            node, parent_segment = stack.pop()
+            segment = len(seg_lens)
+            seg_lens.append(0)
+            seg_parents.append(parent_segment)
+            while True:
+                tokens = self._tokens(node)[node.start : node.end]
+                ids.append(tokens)
+                positions.append(np.arange(node.start, node.end, dtype=np.int32))
+                labels.append(tokens if node.label >= 0 else np.full(len(tokens), IGNORE_INDEX, np.int32))
+                seg_lens[segment] += len(tokens)
+                if len(node.children) != 1:
+                    break
+                node = node.children[0]  # a single child continues the same segment
+            for child in reversed(self._ordered_children(node)):
+                stack.append((child, segment))
+        n_pass = sum(len(sample.input_ids) for sample in self.samples)
+        return Layout(
+            np.concatenate(ids).astype(np.int32),
+            np.concatenate(positions),
+            np.concatenate(labels).astype(np.int32),
+            np.asarray(seg_lens, dtype=np.int32),
+            np.asarray(seg_parents, dtype=np.int32),
+            n_pass,
+        )
+
+    @staticmethod
+    def _ordered_children(node: Node) -> list[Node]:
+        first = node.labelled_child
+        if first is None:
+            return node.children
+        return [first] + [child for child in node.children if child is not first]
+
+
+def layout_samples(samples: list[Sample]) -> Layout:
+    return PrefixTree(samples).layout()

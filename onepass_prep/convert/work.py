@@ -1,0 +1,175 @@
+"""The unit of work of a conversion: a batch of JSONL lines in, one result per line out
+(a laid-out conversation or a rejection), and the scheduling of batches on this process
+or on worker processes, always handing results back in input order."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from onepass_prep.convert.records import BadRecord, Conversation, Rejection, parse_line
+from onepass_prep.convert.render import Rendered, Renderer, Sample
+from onepass_prep.convert.tokenizer import load_tokenizer
+from onepass_prep.convert.tree import Layout, layout_samples
+
+BATCH_LINES = 64  # lines per unit of work
+BATCH_BYTES = 1 << 20
+
+
+@dataclass
+class Converted:
+    id: str
+    layout: Layout
+    source: str
+    line: int
+    reasoning_turns: int  # trained turns that were given reasoning
+    reasoning_dropped: int  # of those, turns whose trained tokens lack it (the template drops it)
+
+
+Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
+
+
+def layout_conversation(conversation: Conversation, renderer: Renderer, max_seq_len: int) -> Layout:
+    return _checked_layout(renderer.samples(conversation), max_seq_len)
+
+
+def _checked_layout(samples: list[Sample], max_seq_len: int) -> Layout:
+    if not any(sample.num_trained for sample in samples):
+        raise BadRecord("nothing-to-train", "no assistant turn has a token to train")
+    layout = layout_samples(samples)
+    if len(layout) > max_seq_len:
+        raise BadRecord(
+            "too-long", f"{len(layout)} one-pass tokens exceed --max-seq-len {max_seq_len}"
+        )
+    return layout
+
+
+Parsed = list[tuple[Conversation | Rejection | None, bytes]]
+
+
+def convert_lines(
+    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
+) -> list[Converted | Rejection]:
+    """One result per non-blank line, in order: the unit of work of a worker process."""
+    return finish_lines(*render_lines(lines, renderer, think_tags), renderer, max_seq_len)
+
+
+def render_lines(
+    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str]
+) -> tuple[Parsed, list[Rendered]]:
+    """The Python half of the work: parse and render."""
+    parsed = [(parse_line(raw, source, number, think_tags), raw) for source, number, raw in lines]
+    conversations = [record for record, _ in parsed if isinstance(record, Conversation)]
+    return parsed, renderer.render_many(conversations)
+
+
+def finish_lines(
+    parsed: Parsed, rendered: list[Rendered], renderer: Renderer, max_seq_len: int
+) -> list[Converted | Rejection]:
+    """The other half: tokenize (mostly outside the GIL) and lay out."""
+    samples = iter(renderer.tokenize(rendered))
+    results: list[Converted | Rejection] = []
+    for record, raw in parsed:
+        if not isinstance(record, Conversation):
+            results += [record] if record else []
+            continue
+        try:
+            found = next(samples)
+            if isinstance(found, BadRecord):
+                raise found
+            layout = _checked_layout(found, max_seq_len)
+            audit = [sample.reasoning for sample in found if sample.num_trained]
+            results.append(
+                Converted(
+                    record.id, layout, record.source, record.line,
+                    reasoning_turns=len(audit) - audit.count("none"),
+                    reasoning_dropped=audit.count("dropped"),
+                )
+            )
+        except BadRecord as error:
+            text = raw.decode("utf-8").rstrip("\r\n")
+            results.append(Rejection(record.source, record.line, record.id, error.kind, str(error), text))
+    return results
+
+
+_worker: dict = {}
+
+
+def _start_worker(
+    model: str, chat_template: str | None, think_tags: tuple[str, str], template_kwargs: dict, max_seq_len: int
+) -> None:
+    loaded = load_tokenizer(model, chat_template)
+    renderer = Renderer(loaded.tokenizer, think_tags, template_kwargs)
+    _worker.update(renderer=renderer, think_tags=think_tags, max_seq_len=max_seq_len)
+
+
+def _work(lines: list[Line]) -> list[Converted | Rejection]:
+    return convert_lines(lines, _worker["renderer"], _worker["think_tags"], _worker["max_seq_len"])
+
+
+def read_batches(
+    inputs: list[Path], first_file: int, first_line: int, skipped: Callable[[int], None]
+) -> Iterator[list[Line]]:
+    """Lines in input order from (first_file, first_line), about a megabyte at a time."""
+    batch: list[Line] = []
+    size = 0
+    for index, path in enumerate(inputs[first_file:], start=first_file):
+        start = first_line if index == first_file else 1
+        with open(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if line_number < start:
+                    skipped(len(raw))
+                    continue
+                batch.append((str(path), line_number, raw))
+                size += len(raw)
+                if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
+                    yield batch
+                    batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def ordered_results(
+    batches: Iterator[list[Line]],
+    renderer: Renderer,
+    model: str,
+    think_tags: tuple[str, str],
+    max_seq_len: int,
+    num_proc: int,
+) -> Iterator[tuple[list[Line], list[Converted | Rejection]]]:
+    """Each batch with its results, in input order; with workers, a bounded number of
+    batches in flight, so memory does not grow with the input."""
+    if num_proc == 1:
+        # One process, two stages: this thread renders batch k + 1 while a second one
+        # tokenizes batch k (the tokenizer releases the GIL), so both cores have work.
+        with ThreadPoolExecutor(1) as second:
+            previous: tuple[list[Line], Future[list[Converted | Rejection]]] | None = None
+            for batch in batches:
+                rendered = render_lines(batch, renderer, think_tags)
+                future = second.submit(finish_lines, *rendered, renderer, max_seq_len)
+                if previous:
+                    yield previous[0], previous[1].result()
+                previous = (batch, future)
+            if previous:
+                yield previous[0], previous[1].result()
+        return
+    # spawn, not fork: the parent has threads (progress display, tokenizer pools).
+    context = multiprocessing.get_context("spawn")
+    initargs = (model, renderer.tokenizer.chat_template, think_tags, renderer.template_kwargs, max_seq_len)
+    pool = ProcessPoolExecutor(num_proc, context, _start_worker, initargs)
+    try:
+        pending: deque[tuple[list[Line], Future[list[Converted | Rejection]]]] = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(_work, batch)))
+            if len(pending) >= 4 * num_proc:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:  # on an interruption too: do not wait for work nobody will read
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,47 @@
+"""Output format v1 in code: the one home of docs/FORMAT.md's rules, shared by the
+converter's writer, the inspect/stats/verify readers and the torch runtime.
+
+Imports numpy and pyarrow only (no torch, no transformers).
+"""
+
+from onepass_prep.format.files import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IGNORE_INDEX,
+    MANIFEST,
+    REJECTED,
+    SCHEMA,
+    FormatError,
+    Source,
+    listed_shards,
+    open_shard,
+    read_manifest,
+    read_row_group,
+    resolve_shards,
+    shard_name,
+)
+from onepass_prep.format.rows import list_columns, list_parts, validate_batch
+from onepass_prep.format.structure import subtree_last, token_parents, token_subtree_end
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "IGNORE_INDEX",
+    "MANIFEST",
+    "REJECTED",
+    "SCHEMA",
+    "FormatError",
+    "Source",
+    "list_columns",
+    "list_parts",
+    "listed_shards",
+    "open_shard",
+    "read_manifest",
+    "read_row_group",
+    "resolve_shards",
+    "shard_name",
+    "subtree_last",
+    "token_parents",
+    "token_subtree_end",
+    "validate_batch",
+]

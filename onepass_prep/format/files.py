@@ -1,0 +1,121 @@
+"""The files of a run (docs/FORMAT.md, v1): names, the shard schema, the manifest, and the
+checks every reader makes before it trusts a shard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "onepass-prep"
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+IGNORE_INDEX = -100  # the label of a token that is not trained
+
+Source = str | Path | Sequence[str | Path]
+
+_INT32_LIST = pa.list_(pa.int32())
+SCHEMA = pa.schema(
+    [
+        ("input_ids", _INT32_LIST),
+        ("position_ids", _INT32_LIST),
+        ("labels", _INT32_LIST),
+        ("mask_spec", pa.struct([("seg_lens", _INT32_LIST), ("seg_parents", _INT32_LIST)])),
+        ("conversation_ids", pa.list_(pa.string())),
+        ("num_tokens", pa.int32()),
+        ("num_trained_tokens", pa.int32()),
+        ("n_pass_tokens", pa.int64()),
+    ]
+)
+
+
+class FormatError(ValueError):
+    """Output that cannot be read as format v1; the message names the file (and row)."""
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a finished run; a folder without one is an unfinished run."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FormatError(f"{folder}: no {MANIFEST}, so this is not a finished onepass-prep run")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{path}: not JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: not an onepass-prep manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: format_version {manifest.get('format_version')!r} is unknown "
+            f"(this version reads {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def listed_shards(folder: Path, manifest: dict) -> list[tuple[Path, int, int]]:
+    """(file, rows, tokens) of each shard, in the manifest's order."""
+    try:
+        return [(folder / e["file"], int(e["rows"]), int(e["tokens"])) for e in manifest["shards"]]
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"{folder / MANIFEST}: 'shards' is not a list of file/rows/tokens") from None
+
+
+def resolve_shards(source: Source) -> list[Path]:
+    """Shard files of output folders or of single shards, each checked against its manifest.
+
+    A loose shard is read only if the folder it sits in holds a manifest that lists it,
+    because the manifest is the only place that says the run finished and which format it
+    wrote.
+    """
+    items = [source] if isinstance(source, str | Path) else list(source)
+    if not items:
+        raise FormatError("no shards given")
+    files: list[Path] = []
+    for item in map(Path, items):
+        folder = item if item.is_dir() else item.parent
+        listed = {path: rows for path, rows, _ in listed_shards(folder, read_manifest(folder))}
+        if not item.is_dir() and item not in listed:
+            raise FormatError(f"{item}: not listed in {folder / MANIFEST}")
+        chosen = list(listed) if item.is_dir() else [item]
+        for path in chosen:
+            open_shard(path, listed[path])
+        files.extend(chosen)
+    return files
+
+
+def open_shard(path: Path, rows: int | None = None) -> pq.ParquetFile:
+    """A shard's Parquet file, checked: it exists, is readable, has `rows` rows (if given)
+    and exactly the v1 column types. A truncated or corrupt file is named, not a bare
+    Arrow error."""
+    if not path.is_file():
+        raise FormatError(f"{path}: listed in the manifest but missing")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as error:
+        raise FormatError(f"{path}: not a readable Parquet file ({error})") from None
+    if rows is not None and parquet.metadata.num_rows != rows:
+        raise FormatError(f"{path}: {parquet.metadata.num_rows} rows, the manifest says {rows}")
+    schema = parquet.schema_arrow
+    for field in SCHEMA:
+        if field.name not in schema.names:
+            raise FormatError(f"{path}: missing column {field.name!r}")
+        if schema.field(field.name).type != field.type:
+            raise FormatError(
+                f"{path}: column {field.name!r} is {schema.field(field.name).type}, expected {field.type}"
+            )
+    return parquet
+
+
+def read_row_group(path: Path, group: int, first_row: int, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return open_shard(path).read_row_group(group, columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        raise FormatError(f"{path}: rows from {first_row}: cannot be read ({error})") from None

@@ -1,0 +1,183 @@
+"""`onepass-prep stats`: what a run holds and what one pass saves, from its shards and
+manifest alone.
+
+Attention work counts visible (query, key) pairs. One pass: every token sees its tree
+depth + 1 tokens, so a row costs sum(position_ids + 1). N passes: a sample of L tokens
+costs L(L+1)/2, and the shards do not store L. It is derived: a sample's trained tokens
+run to its end, so each trained run (a maximal stretch of labelled tokens) ends at depth
+L - 1. A row's derivation is exact when its runs' lengths add up to its `n_pass_tokens`;
+rows where they do not are counted and the N-pass figure is then marked inexact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from onepass_prep.format import IGNORE_INDEX
+from onepass_prep.inspection.runs import Run, iter_rows
+
+HISTOGRAM_BINS = 10
+
+
+@dataclass
+class Stats:
+    shards: int = 0
+    rows: int = 0
+    conversations: int = 0
+    trained_runs: int = 0
+    tokens_one_pass: int = 0
+    tokens_n_pass: int = 0
+    tokens_trained: int = 0
+    pairs_one_pass: int = 0
+    pairs_n_pass: int = 0
+    rows_not_derived: int = 0  # rows whose trained runs do not account for n_pass_tokens
+    lengths: list[int] = field(default_factory=list)
+    max_seq_len: int | None = None
+    run_counts: dict = field(default_factory=dict)  # the manifest's, for the whole run
+    reasoning_audit: dict = field(default_factory=dict)  # the manifest's, for the whole run
+
+    @property
+    def fill_rate(self) -> float | None:
+        if not self.max_seq_len or not self.rows:
+            return None
+        return self.tokens_one_pass / (self.rows * self.max_seq_len)
+
+    @property
+    def padding_tokens(self) -> int | None:
+        """Tokens a trainer would add by padding every row to max_seq_len (rows store none)."""
+        if not self.max_seq_len:
+            return None
+        return self.rows * self.max_seq_len - self.tokens_one_pass
+
+
+def compute_stats(run: Run) -> Stats:
+    stats = Stats(
+        shards=len(run.shards),
+        run_counts=run.manifest.get("counts", {}),
+        reasoning_audit=run.manifest.get("reasoning_audit", {}),
+    )
+    stats.max_seq_len = run.manifest.get("options", {}).get("max_seq_len")
+    for row in iter_rows(run):
+        stats.rows += 1
+        stats.conversations += len(row.conversation_ids)
+        stats.lengths.append(len(row))
+        stats.tokens_one_pass += len(row)
+        stats.tokens_n_pass += row.n_pass_tokens
+        stats.tokens_trained += int((row.labels != IGNORE_INDEX).sum())
+        stats.pairs_one_pass += int(row.position_ids.sum(dtype=np.int64)) + len(row)
+        ends = np.asarray([end for _, end in row.trained_runs], np.int64)
+        sample_lengths = row.position_ids[ends - 1].astype(np.int64) + 1
+        stats.trained_runs += len(ends)
+        stats.pairs_n_pass += int((sample_lengths * (sample_lengths + 1) // 2).sum())
+        stats.rows_not_derived += int(sample_lengths.sum()) != row.n_pass_tokens
+    return stats
+
+
+def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:
+    """(first, last, rows) per bin of row length, inclusive bounds."""
+    if not lengths:
+        return []
+    low, high = min(lengths), max(lengths)
+    edges = np.unique(np.linspace(low, high + 1, bins + 1).astype(np.int64))
+    counts, _ = np.histogram(lengths, bins=edges)
+    return [(int(a), int(b) - 1, int(n)) for a, b, n in zip(edges, edges[1:], counts, strict=False)]
+
+
+def _saving(one_pass: int, n_pass: int) -> float:
+    return 1 - one_pass / n_pass if n_pass else 0.0
+
+
+def stats_json(stats: Stats) -> dict:
+    lengths = np.asarray(stats.lengths or [0])
+    return {
+        "shards": stats.shards,
+        "rows": stats.rows,
+        "conversations": stats.conversations,
+        "trained_runs": stats.trained_runs,
+        "row_length": {
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "mean": float(lengths.mean()),
+            "max": int(lengths.max()),
+            "histogram": [
+                {"from": a, "to": b, "rows": n} for a, b, n in histogram(stats.lengths)
+            ],
+        },
+        "tokens": {
+            "one_pass": stats.tokens_one_pass,
+            "n_pass": stats.tokens_n_pass,
+            "trained": stats.tokens_trained,
+            "saving": _saving(stats.tokens_one_pass, stats.tokens_n_pass),
+        },
+        "attention_pairs": {
+            "one_pass": stats.pairs_one_pass,
+            "n_pass": stats.pairs_n_pass,
+            "saving": _saving(stats.pairs_one_pass, stats.pairs_n_pass),
+            "n_pass_exact": stats.rows_not_derived == 0,
+            "rows_not_derived": stats.rows_not_derived,
+        },
+        "packing": {
+            "max_seq_len": stats.max_seq_len,
+            "fill_rate": stats.fill_rate,
+            "padding_tokens": stats.padding_tokens,
+        },
+        "run": {
+            key: stats.run_counts.get(key)
+            for key in ("read", "written", "rejected", "rejected_by_kind")
+        },
+        "reasoning_audit": stats.reasoning_audit,
+    }
+
+
+def stats_view(stats: Stats, width: int) -> Group:
+    table = Table(show_header=False, title="onepass-prep stats")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column(justify="right")
+    table.add_row("shards / rows", f"{stats.shards:,} / {stats.rows:,}", "")
+    table.add_row("conversations", f"{stats.conversations:,}", "")
+    table.add_row("turns (trained runs)", f"{stats.trained_runs:,}", "")
+    table.add_row("", "one-pass", "N-pass")
+    table.add_row("tokens", f"{stats.tokens_one_pass:,}", f"{stats.tokens_n_pass:,}")
+    exact = "" if stats.rows_not_derived == 0 else " ≈"
+    table.add_row("attention pairs", f"{stats.pairs_one_pass:,}", f"{stats.pairs_n_pass:,}{exact}")
+    table.add_row(
+        "saving",
+        f"{_saving(stats.tokens_one_pass, stats.tokens_n_pass):.1%} tokens",
+        f"{_saving(stats.pairs_one_pass, stats.pairs_n_pass):.1%} pairs",
+    )
+    table.add_row("trained tokens", f"{stats.tokens_trained:,}", "")
+    if stats.fill_rate is not None:
+        table.add_row("fill rate", f"{stats.fill_rate:.1%} of {stats.max_seq_len:,}", "")
+        table.add_row("padding to max_seq_len", f"{stats.padding_tokens:,} tokens", "")
+    counts = stats.run_counts
+    table.add_row("run: read / written", f"{counts.get('read', 0):,} / {counts.get('written', 0):,}", "")
+    table.add_row("run: rejected", f"{counts.get('rejected', 0):,}", "")
+    for kind, count in sorted((counts.get("rejected_by_kind") or {}).items()):
+        table.add_row(f"  {kind}", f"{count:,}", "")
+    audit = stats.reasoning_audit
+    if audit:
+        dropped, turns = audit.get("reasoning_dropped", 0), audit.get("turns_with_reasoning", 0)
+        table.add_row("reasoning dropped", f"{dropped:,} of {turns:,} turns", "")
+    if stats.rows_not_derived:
+        table.caption = (
+            f"≈: in {stats.rows_not_derived} rows the trained runs do not account for "
+            "n_pass_tokens, so N-pass pairs are estimated there (see docs/inspect.md)"
+        )
+    return Group(table, _histogram_text(stats.lengths, width))
+
+
+def _histogram_text(lengths: list[int], width: int) -> Text:
+    bins = histogram(lengths)
+    out = Text("row length (tokens)       rows\n", style="bold")
+    top = max((n for _, _, n in bins), default=1) or 1
+    room = max(10, width - 34)
+    for first, last, count in bins:
+        out.append(f"{first:>8,}–{last:<8,} {count:>7,} ")
+        out.append("█" * round(room * count / top) + "\n", style="cyan")
+    return out

@@ -1,0 +1,259 @@
+"""`onepass-prep verify`: re-render every N-pass sample from the input and check the rows
+against the exactness contract of docs/FORMAT.md, in time linear in the tokens (trained
+pairs are compared by the hashed keys of `pairs.py`).
+
+Samples are rendered here with `apply_chat_template(..., tokenize=True)`, independently of
+the converter's rendering, tokenizing and layout code. The contract then reads: the
+multiset of keys of labelled row tokens equals the multiset of keys of trained sample
+tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onepass_prep.convert.records import BadRecord, Conversation, Rejection, read_jsonl
+from onepass_prep.convert.render import Renderer, template_error, with_null_fallback
+from onepass_prep.format import FormatError
+from onepass_prep.inspection.pairs import Powers, row_keys, sample_keys
+from onepass_prep.inspection.runs import Run, iter_rows, load_run_tokenizer
+
+MAX_REPORTED = 10
+
+
+@dataclass
+class Expected:
+    """Where each expected key comes from, for reports."""
+
+    conversation: Conversation
+    message: int  # index of the assistant message in the messages
+    turn: int  # 1-based among the conversation's assistant messages
+    ids: np.ndarray
+    start: int
+
+
+@dataclass
+class VerifyReport:
+    conversations: int = 0
+    rejected_skipped: int = 0
+    samples: int = 0
+    pairs: int = 0
+    rows: int = 0
+    labelled: int = 0
+    problems: list[str] = field(default_factory=list)
+    problem_count: int = 0
+    model_check: str | None = None
+    partial: bool = False  # one shard of several: only its conversations are checked
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    def problem(self, text: str, show: bool = True) -> None:
+        self.problem_count += 1
+        if show and len(self.problems) < MAX_REPORTED:
+            self.problems.append(text)
+
+
+def render_samples(
+    tokenizer, messages: list[dict], tools, kwargs: dict
+) -> list[tuple[int, np.ndarray, int]]:
+    """(message index, ids, first trained position) per assistant message, per FORMAT.md."""
+    samples = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            full = tokenizer.apply_chat_template(
+                messages[: index + 1], tools=tools, tokenize=True, return_dict=False, **kwargs
+            )
+            prompt = tokenizer.apply_chat_template(
+                messages[:index], tools=tools, tokenize=True, add_generation_prompt=True,
+                return_dict=False, **kwargs,
+            )
+        except Exception as error:  # a template may raise anything
+            raise template_error(error) from None
+        full, prompt = np.asarray(full, np.int64), np.asarray(prompt, np.int64)
+        n = min(len(full), len(prompt))
+        differ = np.flatnonzero(full[:n] != prompt[:n])
+        samples.append((index, full, max(1, int(differ[0]) if differ.size else n)))
+    return samples
+
+
+def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -> VerifyReport:
+    """Check the run's rows (or one shard's) against the samples of the input."""
+    loaded, same = load_run_tokenizer(run, model)
+    if not same:
+        raise FormatError(
+            f"tokenizer {loaded.name!r} (hash {loaded.hash[:12]}…) is not the one the run was "
+            f"converted with (hash {str(run.manifest['tokenizer'].get('hash'))[:12]}…); "
+            "verify needs the same tokenizer files and chat template"
+        )
+    report, powers = VerifyReport(partial=not run.whole), Powers()
+    seen = _read_rows(run, powers, report)
+    expected = _expected(run, inputs, loaded.tokenizer, report, None if run.whole else set(seen.ids))
+    expected_keys = [sample_keys(e.ids, e.start, powers) for e in expected]
+    report.samples = len(expected)
+    report.pairs = sum(len(k) for k in expected_keys)
+    _check_bookkeeping(expected, seen, report)
+    _check_pairs(run, expected, expected_keys, seen, loaded.tokenizer.decode, report)
+    if model_check:
+        from onepass_prep.inspection.model_check import check_losses
+
+        if report.ok:
+            report.model_check = check_losses(run, expected, expected_keys, powers, report)
+        else:
+            report.model_check = "skipped: the rows do not match the samples"
+    return report
+
+
+@dataclass
+class SeenRows:
+    ids: Counter  # conversation ids over the rows
+    keys: np.ndarray  # one key per labelled token
+    places: np.ndarray  # (row number, token index) per key
+    n_pass_tokens: int
+
+
+def _read_rows(run: Run, powers: Powers, report: VerifyReport) -> SeenRows:
+    ids: Counter = Counter()
+    keys_parts, places, n_pass_tokens = [], [], 0
+    for row in iter_rows(run):
+        report.rows += 1
+        ids.update(row.conversation_ids)
+        n_pass_tokens += row.n_pass_tokens
+        found, labelled = row_keys(row, powers)
+        keys_parts.append(found)
+        places.append(np.stack([np.full(len(labelled), row.number), labelled], axis=1))
+    report.labelled = sum(len(k) for k in keys_parts)
+    return SeenRows(ids, _stack(keys_parts, 4), _stack(places, 2), n_pass_tokens)
+
+
+def _check_bookkeeping(expected: list[Expected], seen: SeenRows, report: VerifyReport) -> None:
+    """Each expected conversation in exactly one row, and n_pass_tokens as rendered."""
+    wanted = Counter(e.conversation.id for e in expected if e.turn == 1)
+    for conversation_id in sorted(set(wanted) | set(seen.ids)):
+        if seen.ids[conversation_id] != wanted[conversation_id]:
+            report.problem(
+                f"conversation {conversation_id}: in {seen.ids[conversation_id]} rows, "
+                f"expected {wanted[conversation_id]}"
+            )
+    rendered = sum(len(e.ids) for e in expected)
+    if seen.n_pass_tokens != rendered:
+        report.problem(
+            f"n_pass_tokens: the rows say {seen.n_pass_tokens:,}, the re-rendered samples have {rendered:,}"
+        )
+
+
+def _check_pairs(run, expected, expected_keys, seen: SeenRows, decode, report) -> None:
+    """The exactness contract: report unmatched keys of both sides, the first of each."""
+    sample_places = _stack(
+        [
+            np.stack([np.full(len(k), i), e.start + np.arange(len(k))], axis=1)
+            for i, (k, e) in enumerate(zip(expected_keys, expected, strict=True))
+        ],
+        2,
+    )
+    missing, extra = multiset_difference(_stack(expected_keys, 4), seen.keys)
+    share = MAX_REPORTED // 2 if len(missing) and len(extra) else MAX_REPORTED
+    for shown, (sample, k) in enumerate(sorted(sample_places[missing].tolist())):
+        e = expected[sample]
+        report.problem(
+            f"conversation {e.conversation.id} ({e.conversation.source}:{e.conversation.line}), "
+            f"turn {e.turn} (message {e.message}), sample token {k} {decode([int(e.ids[k])])!r}: "
+            "not trained with exactly its context in any row",
+            show=shown < share,
+        )
+    for shown, index in enumerate(sorted(extra.tolist(), key=lambda i: seen.places[i].tolist())):
+        number, j = seen.places[index].tolist()
+        report.problem(
+            f"{_row_place(run, number)}, token {j} {decode([int(seen.keys[index, 3])])!r}: "
+            "labelled, but no N-pass sample trains this token with this context",
+            show=shown < share,
+        )
+
+
+def _expected(
+    run: Run, inputs: list[Path], tokenizer, report: VerifyReport, only: set[str] | None
+) -> list[Expected]:
+    """The N-pass samples of every input conversation the run did not reject (of those
+    with an id in `only`, when only some shards are read)."""
+    options = run.manifest.get("options", {})
+    think_tags = tuple(options.get("think_tags") or ("<think>", "</think>"))
+    renderer = Renderer(tokenizer, think_tags, options.get("chat_template_kwargs"))
+    rejected = Counter((entry.get("id"), entry.get("line")) for entry in run.rejected())
+    read = unreadable = 0
+    expected = []
+    for path in inputs:
+        for record in read_jsonl(path, think_tags):
+            read += 1
+            if isinstance(record, Rejection):
+                unreadable += 1
+                continue
+            if only is not None and record.id not in only:
+                continue
+            if rejected[(record.id, record.line)] > 0:
+                rejected[(record.id, record.line)] -= 1
+                report.rejected_skipped += 1
+                continue
+            report.conversations += 1
+            try:
+                messages, _, kwargs = renderer.template_input(record)
+                samples = with_null_fallback(
+                    lambda m: render_samples(tokenizer, m, record.tools, kwargs), messages  # noqa: B023
+                )
+            except BadRecord as error:
+                report.problem(
+                    f"conversation {record.id} ({record.source}:{record.line}): {error} "
+                    "but the run did not reject it"
+                )
+                continue
+            for turn, (message, ids, start) in enumerate(samples, start=1):
+                expected.append(Expected(record, message, turn, ids, start))
+    counts = run.manifest.get("counts", {})
+    if only is not None:  # the run-wide counts cover shards not read
+        return expected
+    if counts.get("read") != read:
+        report.problem(f"the input holds {read} records, the run read {counts.get('read')}")
+    if counts.get("rejected") != unreadable + report.rejected_skipped:
+        report.problem(
+            f"{unreadable} unreadable and {report.rejected_skipped} rejected conversations "
+            f"match rejected.jsonl, the run rejected {counts.get('rejected')}"
+        )
+    return expected
+
+
+def _stack(parts: list[np.ndarray], width: int) -> np.ndarray:
+    return np.concatenate([np.zeros((0, width), np.int64), *parts]).astype(np.int64)
+
+
+def multiset_difference(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the rows of `left` and of `right` left over once equal rows are paired,
+    found by sorting both together: O(n log n), no per-row Python work unless unmatched."""
+    both = np.concatenate([left, right])
+    side = np.repeat([1, -1], [len(left), len(right)])
+    order = np.lexsort(both.T[::-1])
+    ordered = both[order]
+    starts = np.flatnonzero(np.concatenate([[True], (ordered[1:] != ordered[:-1]).any(axis=1)]))
+    bounds = np.append(starts, len(order))
+    balance = np.add.reduceat(side[order], starts) if len(order) else np.zeros(0, np.int64)
+    unmatched: dict[int, list[int]] = {1: [], -1: []}
+    for group in np.flatnonzero(balance).tolist():
+        members = order[bounds[group] : bounds[group + 1]]
+        surplus = int(balance[group])
+        sign = 1 if surplus > 0 else -1
+        unmatched[sign].extend(members[side[members] == sign][: abs(surplus)].tolist())
+    return np.asarray(unmatched[1], np.int64), np.asarray(unmatched[-1], np.int64) - len(left)
+
+
+def _row_place(run: Run, number: int) -> str:
+    offset = 0
+    for file, rows, _ in run.shards:
+        if number - run.first_row < offset + rows:
+            return f"row {number} ({file}: row {number - run.first_row - offset})"
+        offset += rows
+    return f"row {number}"

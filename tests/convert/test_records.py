@@ -1,0 +1,144 @@
+"""Input normalisation: one canonical chat per line, or a rejection that says why."""
+
+import json
+
+import pytest
+
+from onepass_prep.convert.records import (
+    BadRecord,
+    Conversation,
+    Rejection,
+    parse_line,
+    split_inline_reasoning,
+)
+
+THINK = ("<think>", "</think>")
+
+
+def parse(record) -> Conversation | Rejection:
+    raw = record if isinstance(record, bytes) else json.dumps(record).encode()
+    return parse_line(raw, "chats.jsonl", 7, THINK)
+
+
+def test_inline_reasoning_is_kept_as_written():
+    content = "<think>\nadd them\n</think>\n\nIt is 4."
+    chat = parse({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": content}]})
+    assert chat.messages[1] == {"role": "assistant", "content": content}
+    assert chat.reasoning == [None, None]
+    assert chat.id == "chats.jsonl:7"
+
+
+@pytest.mark.parametrize(
+    "content, split",
+    [
+        ("<think>\nr\n</think>\n\na", ("r", "a")),
+        ("<think>r</think>a", ("r", "a")),
+        ("  <think>r</think>a", ("r", "a")),
+        ("hm</think>a", ("hm", "a")),  # Qwen3 puts <think> in the generation prompt
+        ("<think></think>a", ("", "a")),
+        (" r </think>\n a", (" r ", " a")),
+        ("no tags", None),
+    ],
+)
+def test_inline_reasoning_splits_as_qwen3s_template_does(content, split):
+    assert split_inline_reasoning(content, THINK) == split
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["<think>never closed", "<think>a</think><think>b</think>c", "x</think>y<think>", "x<think>r</think>a"],
+)
+def test_inline_reasoning_that_cannot_be_split_is_a_bad_record(content):
+    with pytest.raises(BadRecord):
+        split_inline_reasoning(content, THINK)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_fields_of_any_common_name_are_held_apart(field):
+    chat = parse({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", field: "r"},
+    ]})
+    assert chat.messages[1] == {"role": "assistant", "content": "a"}
+    assert chat.reasoning == [None, "r"]
+
+
+def test_content_parts_are_joined_and_reasoning_parts_held_apart():
+    chat = parse({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "r1"}, {"type": "text", "text": "x"},
+            {"type": "reasoning", "text": "r2"}, {"type": "text", "text": "y"},
+        ]},
+    ]})
+    assert [m["content"] for m in chat.messages] == ["ab", "xy"]
+    assert chat.reasoning == [None, "r1r2"]
+
+
+def test_reasoning_fields_of_other_roles_pass_through():
+    chat = parse({"messages": [
+        {"role": "user", "content": "q", "thinking": "t"}, {"role": "assistant", "content": "a"},
+    ]})
+    assert chat.messages[0] == {"role": "user", "content": "q", "thinking": "t"}
+
+
+def test_record_template_kwargs_are_kept():
+    chat = parse({"chat_template_kwargs": {"enable_thinking": False}, "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+    ]})
+    assert chat.template_kwargs == {"enable_thinking": False}
+
+
+def test_sharegpt_roles_map_to_openai_roles():
+    chat = parse({"id": 5, "conversations": [
+        {"from": "system", "value": "s"}, {"from": "human", "value": "h"},
+        {"from": "gpt", "value": "<think>r</think>g"},
+    ]})
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"]
+    assert chat.messages[2]["content"] == "<think>r</think>g"
+    assert chat.id == "5"
+
+
+def test_null_content_stays_null():
+    call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+    chat = parse({"messages": [
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "done"},
+    ], "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert chat.messages[1]["content"] is None and chat.messages[1]["tool_calls"] == [call]
+    assert chat.tools
+
+
+@pytest.mark.parametrize(
+    "record, kind",
+    [
+        (b"{not json", "invalid-json"),
+        (b"[1, 2]", "not-an-object"),
+        (b"\xff\xfe{}", "not-utf8"),
+        ({"text": "hi"}, "no-messages"),
+        ({"messages": "hi"}, "bad-messages"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no-assistant"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown-role"),
+        ({"conversations": [{"from": "bard", "value": "x"}]}, "unknown-role"),
+        ({"messages": [{"role": "assistant", "content": 5}]}, "non-string-content"),
+        ({"messages": [{"role": "assistant", "content": ["part"]}]}, "bad-content-part"),
+        ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": "x"}]}]}, "bad-content-part"),
+        ({"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}]}, "bad-content-part"),
+        ({"messages": [{"role": "assistant", "content": [{"type": "text"}]}]}, "bad-content-part"),
+        ({"messages": [{"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "c"}]}, "bad-think-tags"),
+        ({"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "r"}], "reasoning": "c"}]}, "double-reasoning"),
+        ({"messages": [{"role": "assistant", "content": "a"}], "chat_template_kwargs": [1]}, "bad-template-kwargs"),
+        ({"messages": [{"role": "assistant", "content": "a"}], "chat_template_kwargs": {"tokenize": True}}, "bad-template-kwargs"),
+        ({"messages": [{"role": "assistant", "content": "a"}], "tools": "all"}, "bad-tools"),
+        ({"messages": [{"role": "assistant", "content": "a", "reasoning": "r", "thinking": "t"}]}, "double-reasoning"),
+    ],
+)
+def test_bad_records_are_rejected_with_a_kind_and_the_raw_line(record, kind):
+    rejection = parse(record)
+    assert isinstance(rejection, Rejection)
+    assert (rejection.kind, rejection.source, rejection.line) == (kind, "chats.jsonl", 7)
+    assert rejection.reason and rejection.raw
+
+
+def test_blank_lines_are_skipped():
+    assert parse_line(b"  \n", "chats.jsonl", 1, THINK) is None

@@ -1,0 +1,250 @@
+"""Dirty input, interruptions and reproducibility: nothing lost silently, nothing
+half-written taken for finished, the same bytes every time."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import synth
+from helpers.paths import ROOT, TEMPLATES
+from helpers.reference import (
+    READS,
+    contract_samples,
+    n_pass_pairs,
+    one_pass_pairs,
+    reference_tokenizer,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from onepass_prep.cli import app
+from onepass_prep.convert.pack import join
+from onepass_prep.convert.records import Rejection
+from onepass_prep.convert.render import Renderer
+from onepass_prep.convert.work import Converted, convert_lines
+
+THINK = ("<think>", "</think>")
+runner = CliRunner()
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>ok"}]}
+
+
+def line(record) -> bytes:
+    return record if isinstance(record, bytes) else json.dumps(record, ensure_ascii=False).encode()
+
+
+BAD_LINES = [
+    (b"{oops", "invalid-json"),
+    (b'"just a string"', "not-an-object"),
+    (line({"prompt": "x"}), "no-messages"),
+    (line({"messages": {"role": "user"}}), "bad-messages"),
+    (line({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}), "unknown-role"),
+    (line({"messages": [{"role": "user", "content": "only a question"}]}), "no-assistant"),
+    (line({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}), "non-string-content"),
+    (line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>open"}]}), "bad-think-tags"),
+    (line({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>a</think>b</think>"}]}), "bad-think-tags"),
+    (line({"messages": [{"role": "user", "content": "REFUSE"}, {"role": "assistant", "content": "y"}]}), "template-error"),
+    (line({"messages": [{"role": "user", "content": "long " * 400}, {"role": "assistant", "content": "y"}]}), "too-long"),
+    (b"\xc3\x28 not utf-8", "not-utf8"),
+]
+
+
+def test_bad_records_are_rejected_with_file_line_and_reason(tmp_path):
+    data = tmp_path / "dirty.jsonl"
+    lines = []
+    for bad, _ in BAD_LINES:
+        lines += [line(GOOD), bad, b""]  # an empty line is skipped, not an error
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, [
+        "convert", str(data), "--model", "qwen", "-o", str(out),
+        "--chat-template", str(TEMPLATES / "raises.jinja"), "--max-seq-len", "300",
+    ])
+    assert result.exit_code == 0, result.output
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["kind"] for r in rejected] == [kind for _, kind in BAD_LINES]
+    assert [r["line"] for r in rejected] == [3 * i + 2 for i in range(len(BAD_LINES))]
+    assert all(r["source"] == str(data) and r["reason"] for r in rejected)
+    assert rejected[0]["raw"] == "{oops"
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["read"] == 2 * len(BAD_LINES) == counts["written"] + counts["rejected"]
+    assert counts["rejected"] == len(BAD_LINES)
+    assert sum(counts["rejected_by_kind"].values()) == len(BAD_LINES)
+    assert "rejected" in result.output
+
+
+def test_strict_stops_at_the_first_bad_record(tmp_path):
+    data = tmp_path / "dirty.jsonl"
+    data.write_bytes(line(GOOD) + b"\n" + b"{oops\n" + line(GOOD) + b"\n")
+    result = runner.invoke(app, ["convert", str(data), "--model", "qwen", "-o", str(tmp_path / "o"), "--strict"])
+    assert result.exit_code == 3
+    assert f"{data}:2: invalid JSON" in result.output
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_a_finished_folder_is_refused_without_overwrite_or_resume(tmp_path, sample_path):
+    out = tmp_path / "o"
+    assert runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(out)]).exit_code == 0
+    again = runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(out)])
+    assert again.exit_code == 1 and "--resume" in again.output
+    resumed = runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(out), "--resume"])
+    assert resumed.exit_code == 1 and "nothing to resume" in resumed.output
+    (tmp_path / "mine.txt").write_text("x")
+    foreign = runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(tmp_path), "--overwrite"])
+    assert foreign.exit_code == 1 and "did not write" in foreign.output
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+
+
+def convert_command(data, out, *extra):
+    return [sys.executable, "-m", "onepass_prep.cli", "convert", str(data), "--model", "qwen",
+            "-o", str(out), "--rows-per-shard", "3", "--max-seq-len", "4096", *extra]
+
+
+def interrupt_after_shards(command, shards, sig, out):
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("part-*.parquet"))) < shards:
+        assert process.poll() is None, "finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(sig)
+    process.communicate(timeout=60)
+    return process.returncode
+
+
+def test_interrupted_run_resumes_to_identical_bytes(tmp_path):
+    data = synth.write(tmp_path / "big.jsonl", 2500, seed=5, turns=2, scale=0.08)
+    with open(data, "ab") as handle:  # rejections must survive the interruption too
+        handle.write(b"{oops\n" * 3)
+    whole = tmp_path / "whole"
+    assert subprocess.run(convert_command(data, whole), cwd=ROOT, capture_output=True).returncode == 0
+
+    cut = tmp_path / "cut"
+    assert interrupt_after_shards(convert_command(data, cut), 3, signal.SIGINT, cut) == 130
+    assert not (cut / "manifest.json").exists()  # nothing looks finished
+    assert interrupt_after_shards(convert_command(data, cut, "--resume"), 6, signal.SIGKILL, cut) == -9
+    assert not (cut / "manifest.json").exists()
+    finished = subprocess.run(convert_command(data, cut, "--resume"), cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+
+    assert folder_bytes(cut) == folder_bytes(whole)
+    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (whole, cut)]
+    for manifest in manifests:
+        manifest["options"].pop("resume")
+    assert manifests[0] == manifests[1]
+
+
+def test_num_proc_gives_the_same_bytes(tmp_path, sample_path):
+    outs = []
+    for num_proc in ("1", "2"):
+        out = tmp_path / num_proc
+        result = runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(out),
+                                     "--num-proc", num_proc, "--rows-per-shard", "2", "--max-seq-len", "4096"])
+        assert result.exit_code == 0, result.output
+        outs.append(folder_bytes(out))
+    assert outs[0] == outs[1] and len(outs[0]) > 3
+
+
+# Fuzzing: whatever the records hold, each is converted exactly or rejected with a reason.
+weird_text = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["", "<think>", "</think>", "<think></think>", "<think><think>x</think>", "a</think>b",
+                     "<|im_start|>", "<|im_end|>", "<tool_call>", "\n\n", "数学 🙂", "é\u0301"]),
+    st.text(alphabet="ab <>/thinkx\n", max_size=3000),  # huge turns, tag fragments
+).map(str)
+json_value = st.one_of(weird_text, st.integers(), st.none(), st.lists(st.integers(), max_size=2))
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "tool", "wizard"]), "content": json_value},
+    optional={"reasoning_content": json_value},
+)
+plausible_turns = st.lists(
+    st.tuples(weird_text, st.one_of(st.none(), weird_text), weird_text), min_size=1, max_size=5
+).map(lambda turns: [
+    m for user, reasoning, answer in turns for m in (
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning is not None else {})},
+    )
+])
+well_formed = st.fixed_dictionaries({"messages": plausible_turns})
+records = st.one_of(
+    well_formed, well_formed, well_formed,  # mostly well-formed, with weird text
+    st.fixed_dictionaries({"messages": st.lists(message, max_size=8)}),
+    st.fixed_dictionaries({"conversations": st.lists(
+        st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "bard"]), "value": json_value}),
+        max_size=8)}),
+    json_value,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(records, min_size=1, max_size=4))
+def test_fuzzed_records_convert_exactly_or_are_rejected(qwen, batch):
+    renderer = Renderer(qwen.tokenizer, THINK)
+    lines = [("fuzz.jsonl", n, json.dumps(r, ensure_ascii=False).encode()) for n, r in enumerate(batch, 1)]
+    results = convert_lines(lines, renderer, THINK, max_seq_len=8192)
+    assert [r.line for r in results] == [n for n, _ in enumerate(batch, 1)]
+    for result in results:
+        if isinstance(result, Rejection):
+            assert result.reason and result.kind
+            continue
+        assert isinstance(result, Converted)
+        record = batch[result.line - 1]
+        samples = contract_samples(record, fuzz_reference(), READS[None])
+        row = join([(result.id, result.layout)])
+        spec = {"seg_lens": row.seg_lens, "seg_parents": row.seg_parents}
+        got = one_pass_pairs({"input_ids": row.input_ids, "labels": row.labels,
+                              "position_ids": row.position_ids, "mask_spec": spec})
+        assert got == n_pass_pairs(samples), record
+
+
+_reference = []
+
+
+def fuzz_reference():
+    if not _reference:
+        _reference.append(reference_tokenizer())
+    return _reference[0]
+
+
+def test_rejected_file_is_valid_jsonl_for_binary_garbage(tmp_path):
+    data = tmp_path / "garbage.jsonl"
+    data.write_bytes(bytes(b for b in range(256) if b != 10) + b"\n" + line(GOOD) + b"\n")
+    out = tmp_path / "o"
+    assert runner.invoke(app, ["convert", str(data), "--model", "qwen", "-o", str(out)]).exit_code == 0
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rejected) == 1 and rejected[0]["kind"] in {"not-utf8", "invalid-json"}
+
+
+def test_readers_name_the_file_of_a_truncated_or_corrupt_shard(tmp_path, sample_path):
+    from onepass_prep.torch import FormatError, OnePassDataset, OnePassIterableDataset
+
+    good = tmp_path / "good"
+    assert runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(good),
+                               "--no-pack"]).exit_code == 0
+    shard_bytes = (good / "part-00000.parquet").read_bytes()
+    truncated, corrupt = tmp_path / "truncated", tmp_path / "corrupt"
+    for folder, data in ((truncated, shard_bytes[: len(shard_bytes) // 2]),
+                         (corrupt, bytes(b ^ 0xFF if 200 <= i < 5000 and i % 7 == 0 else b
+                                         for i, b in enumerate(shard_bytes)))):
+        folder.mkdir()
+        (folder / "manifest.json").write_bytes((good / "manifest.json").read_bytes())
+        (folder / "part-00000.parquet").write_bytes(data)
+        shard = str(folder / "part-00000.parquet")
+        for read in (lambda f=folder: OnePassDataset(f, cache_dir=tmp_path / "cache"),
+                     lambda f=folder: list(OnePassIterableDataset(f))):
+            try:
+                read()
+            except FormatError as error:
+                assert str(error).startswith(shard), error
+            else:
+                raise AssertionError(f"{folder.name}: read without an error")
+        for command in (["inspect", str(folder)], ["stats", str(folder)],
+                        ["verify", str(folder), "--input", str(sample_path)]):
+            result = runner.invoke(app, command)
+            # rich wraps long paths across lines; the path itself has no spaces
+            assert result.exit_code == 1 and shard in "".join(result.output.split()), result.output

@@ -1,0 +1,179 @@
+"""Real chat templates published with reasoning models (tests/templates/), each through
+the whole pipeline: generated chats in every input form converted by the CLI into packed
+rows, checked against an independent oracle of the input contract (tests/reference.py):
+every trained pair exactly once, a tiny model's per-token losses, rejections exactly
+where the template cannot render, and the audit of reasoning the template drops."""
+
+import json
+import random
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+from helpers.paths import TEMPLATES
+from helpers.reference import (
+    READS,
+    Refused,
+    assert_losses_match,
+    contract_reasoning,
+    contract_samples,
+    n_pass_pairs,
+    one_pass_pairs,
+    record_messages,
+    reference_tokenizer,
+    tiny_qwen3,
+)
+from typer.testing import CliRunner
+
+from onepass_prep.cli import app
+from onepass_prep.convert.render import Renderer
+from onepass_prep.convert.tokenizer import load_tokenizer
+
+# Template file -> the template kwargs its reasoning mode needs.
+KWARGS = {
+    "qwen3.jinja": {},
+    "qwq-32b.jinja": {},
+    "deepseek-r1-distill-qwen.jinja": {},
+    "deepseek-v3.1.jinja": {"thinking": True},
+    "gpt-oss.jinja": {},
+    "glm-4.6.jinja": {},
+    "smollm3.jinja": {},
+    "strip_history.jinja": {},
+    "keep_reasoning.jinja": {},
+    "raises.jinja": {},
+}
+TEXTS = ["Paris", "数学 🙂 é\u0301 naïve", "two\nlines", "  spaced out  ", "<b>tag-like</b> & co", "x" * 40]
+STYLES = [
+    "none", "compact", "spaced", "open-in-prompt", "empty-inline", "empty-field",
+    "reasoning_content", "reasoning", "thinking", "parts", "REFUSE",
+]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}}
+
+
+def assistant(rng: random.Random, style: str, answer: str) -> dict:
+    reasoning = rng.choice(TEXTS)
+    message = {"role": "assistant", "content": answer}
+    if style == "compact":
+        message["content"] = f"<think>{reasoning}</think>{answer}"
+    elif style == "spaced":
+        message["content"] = f"<think>\n{reasoning}\n</think>\n\n{answer}"
+    elif style == "open-in-prompt":
+        message["content"] = f"{reasoning}</think>\n\n{answer}"
+    elif style == "empty-inline":
+        message["content"] = f"<think>\n\n</think>\n\n{answer}"
+    elif style == "empty-field":
+        message["reasoning_content"] = ""
+    elif style in ("reasoning_content", "reasoning", "thinking"):
+        message[style] = reasoning
+    elif style == "parts":
+        cut = len(answer) // 2
+        message["content"] = [
+            {"type": "thinking", "thinking": reasoning},
+            {"type": "text", "text": answer[:cut]}, {"type": "text", "text": answer[cut:]},
+        ]
+    elif style == "REFUSE":  # raises.jinja refuses it; the others render it as text
+        message["content"] = f"{answer} REFUSE"
+    return message
+
+
+def generated_records(seed: int, count: int) -> list[dict]:
+    """Chats that cover every input form: each reasoning style in every turn position,
+    tool chains with null content (some with reasoning), system prompts, unicode."""
+    rng = random.Random(seed)
+    records = []
+    for number in range(count):
+        messages = [{"role": "system", "content": rng.choice(TEXTS)}] if number % 3 == 0 else []
+        tools = None
+        for turn in range(1 + number % 3):
+            messages.append({"role": "user", "content": f"question {turn}: {rng.choice(TEXTS)}"})
+            if (number + turn) % 4 == 1:
+                tools = [WEATHER]
+                arguments = {"city": rng.choice(TEXTS)}  # an object, or JSON text as OpenAI's API gives it
+                call = {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": f"call_{turn}", "type": "function", "function": {
+                        "name": "get_weather",
+                        "arguments": json.dumps(arguments, ensure_ascii=False) if number % 4 < 2 else arguments,
+                    },
+                }]}
+                if number % 2:
+                    call["reasoning_content"] = "I should look it up."
+                messages += [call, {"role": "tool", "tool_call_id": f"call_{turn}", "name": "get_weather",
+                                    "content": json.dumps({"temp": rng.randint(-5, 30)})}]
+            style = STYLES[(number * 3 + turn) % len(STYLES)]
+            messages.append(assistant(rng, style, f"answer {turn}: {rng.choice(TEXTS)}"))
+        record = {"id": f"gen-{number}", "messages": messages}
+        if tools:
+            record["tools"] = tools
+        records.append(record)
+    return records
+
+
+def convert(tmp_path, template: str, records: list[dict]) -> tuple[list[dict], dict, dict, str]:
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "convert", str(data), "--model", "qwen", "-o", str(out), "--max-seq-len", "16384",
+        "--chat-template", str(TEMPLATES / template), "--chat-template-kwargs", json.dumps(KWARGS[template]),
+    ])
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(sorted(out.glob("part-*.parquet"))).to_pylist()
+    rejected = {}
+    for line in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        rejected[entry["line"]] = entry
+    verified = CliRunner().invoke(app, ["verify", str(out), "--input", str(data)])
+    assert verified.exit_code == 0, verified.output
+    return rows, rejected, json.loads((out / "manifest.json").read_text()), result.output
+
+
+@pytest.mark.parametrize("template", sorted(KWARGS))
+def test_template_converts_exactly(tmp_path, template):
+    records = generated_records(seed=len(template), count=22)
+    rows, rejected, manifest, output = convert(tmp_path, template, records)
+    tokenizer, reads = reference_tokenizer(TEMPLATES / template), READS[template]
+    expected, samples, refused = Counter(), [], set()
+    turns_with_reasoning = dropped = 0
+    for line, record in enumerate(records, start=1):
+        try:
+            found = contract_samples(record, tokenizer, reads, KWARGS[template])
+        except Refused:
+            refused.add(line)
+            continue
+        if not any(start < len(ids) for ids, start in found):
+            refused.add(line)  # nothing to train
+            continue
+        samples += found
+        expected += n_pass_pairs(found)
+        assistants = [m for m in record_messages(record) if m["role"] == "assistant"]
+        for message, (ids, start) in zip(assistants, found, strict=True):
+            reasoning = contract_reasoning(message)
+            if start < len(ids) and reasoning and reasoning.strip():
+                turns_with_reasoning += 1
+                dropped += reasoning.strip() not in tokenizer.decode(ids[start:])
+    assert set(rejected) == refused, {n: rejected[n]["reason"] for n in set(rejected) ^ refused if n in rejected}
+    assert sum((one_pass_pairs(row) for row in rows), Counter()) == expected
+    assert len(rows) < len(records) - len(refused)  # packed: several chats per row
+    assert manifest["reasoning_audit"] == {
+        "turns_with_reasoning": turns_with_reasoning, "reasoning_dropped": dropped,
+    }
+    assert manifest["options"]["chat_template_kwargs"] == KWARGS[template]
+    assert ("drops the reasoning of the turn being trained" in output) == (dropped > 0)
+    if template in ("deepseek-r1-distill-qwen.jinja", "deepseek-v3.1.jinja"):
+        assert dropped > 0  # they strip the trained turn's reasoning (but in tool calls, R1)
+    if READS[template] is not None:
+        assert dropped == 0
+    assert_losses_match(tiny_qwen3(), rows, samples)
+
+
+@pytest.mark.parametrize("template", sorted(KWARGS))
+def test_probe_finds_a_field_exactly_when_the_template_reads_one(template):
+    """transformers copies `reasoning_content`, `reasoning` and `thinking` into one
+    another before rendering, so for a template that reads a field the probe may name
+    another one; the template receives the reasoning either way."""
+    loaded = load_tokenizer("qwen", (TEMPLATES / template).read_text(encoding="utf-8"))
+    renderer = Renderer(loaded.tokenizer, ("<think>", "</think>"), KWARGS[template])
+    assert (renderer.reasoning_field(KWARGS[template]) is None) == (READS[template] is None)

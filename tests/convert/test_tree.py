@@ -1,0 +1,69 @@
+"""The layout on arbitrary prefix trees, including the awkward cases real templates
+rarely produce: samples that are prefixes of others, trained ranges that overlap, two
+trained branches leaving one token."""
+
+import numpy as np
+from helpers.reference import n_pass_pairs, one_pass_pairs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onepass_prep.convert.render import Sample
+from onepass_prep.convert.tree import layout_samples
+
+
+@st.composite
+def sample_sets(draw):
+    """Sequences over a tiny vocabulary, so they share prefixes and collide often."""
+    samples = []
+    for _ in range(draw(st.integers(1, 6))):
+        if samples and draw(st.booleans()):
+            base, _ = draw(st.sampled_from(samples))
+            keep = draw(st.integers(0, len(base)))
+            ids = base[:keep] + draw(st.lists(st.integers(0, 2), max_size=6))
+        else:
+            ids = draw(st.lists(st.integers(0, 2), min_size=1, max_size=10))
+        if not ids:
+            ids = [0]
+        samples.append((ids, draw(st.integers(1, len(ids) + 1))))
+    return samples
+
+
+def as_row(layout):
+    return {
+        "input_ids": layout.input_ids,
+        "labels": layout.labels,
+        "position_ids": layout.position_ids,
+        "mask_spec": {"seg_lens": layout.seg_lens, "seg_parents": layout.seg_parents},
+    }
+
+
+@settings(max_examples=400, deadline=None)
+@given(sample_sets())
+def test_every_trained_pair_exactly_once(samples):
+    layout = layout_samples([Sample(np.asarray(ids, np.int32), start) for ids, start in samples])
+    assert one_pass_pairs(as_row(layout)) == n_pass_pairs(samples)
+    assert layout.seg_lens.sum() == len(layout)
+    assert all(0 <= p < s or p == -1 for s, p in enumerate(layout.seg_parents))
+    assert layout.n_pass_tokens == sum(len(ids) for ids, _ in samples)
+
+
+def test_shared_prefix_is_laid_out_once():
+    """A template that keeps reasoning: later samples extend earlier ones, nothing is copied."""
+    first = [1, 2, 3, 4, 5]
+    second = first + [6, 7, 8, 9]
+    layout = layout_samples(
+        [Sample(np.asarray(first, np.int32), 3), Sample(np.asarray(second, np.int32), 7)]
+    )
+    assert layout.input_ids.tolist() == second
+    assert layout.labels.tolist() == [-100, -100, -100, 4, 5, -100, -100, 8, 9]
+
+
+def test_second_trained_branch_gets_a_copy_of_the_branch_point():
+    a = [1, 2, 3, 4]
+    b = [1, 2, 5, 6]
+    layout = layout_samples(
+        [Sample(np.asarray(a, np.int32), 2), Sample(np.asarray(b, np.int32), 2)]
+    )
+    assert layout.input_ids.tolist() == [1, 2, 3, 4, 2, 5, 6]
+    assert layout.position_ids.tolist() == [0, 1, 2, 3, 1, 2, 3]
+    assert layout.labels.tolist() == [-100, -100, 3, 4, -100, 5, 6]

@@ -1,0 +1,159 @@
+"""Loading refuses unfinished runs, unknown versions, wrong types and broken rows, by name."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers.torch_rows import make_row, random_row, write_run
+from transformers import Qwen3Config
+from typer.testing import CliRunner
+
+from onepass_prep.cli import app
+from onepass_prep.torch import (
+    FormatError,
+    OnePassDataset,
+    OnePassIterableDataset,
+    check_vocab_size,
+)
+
+IDS = [10, 11, 12, 13, 14, 15, 16]
+# seg 0 = tokens 0-2 (root), seg 1 = 3-4 and seg 2 = 5-6 (both under seg 0); token 5's
+# parent is token 2, so token 5 may not carry a label.
+BASE = make_row(IDS, [-100, 11, 12, 13, 14, -100, 16], [3, 2, 2], [-1, 0, 0])
+
+
+def _set(**changes: object) -> Callable[[dict], None]:
+    def mutate(row: dict) -> None:
+        for key, value in changes.items():
+            target = row["mask_spec"] if key in ("seg_lens", "seg_parents") else row
+            target[key] = value
+
+    return mutate
+
+
+def _label(j: int, value: int) -> Callable[[dict], None]:
+    def mutate(row: dict) -> None:
+        row["labels"][j] = value
+        row["num_trained_tokens"] = sum(label != -100 for label in row["labels"])
+
+    return mutate
+
+
+def _not_preorder(row: dict) -> None:
+    # seg 3 hangs under seg 1 after seg 2 closed seg 1's subtree
+    row.update(make_row([1, 2, 3, 4], [-100] * 4, [1, 1, 1, 1], [-1, 0, 0, 1]))
+
+
+BROKEN = {
+    "sum(seg_lens) != len(input_ids)": _set(seg_lens=[3, 2, 1]),
+    "a seg_lens entry is < 1": _set(seg_lens=[3, 2, 2, 0], seg_parents=[-1, 0, 0, -1]),
+    "seg_parents[s] is not -1 or < s": _set(seg_parents=[-1, 0, 2]),
+    "seg_parents[s] is not -1 or < s ": _set(seg_parents=[0, 0, 0]),
+    "segments not in depth-first pre-order": _not_preorder,
+    "position_ids != tree depth": _set(position_ids=[0, 1, 2, 3, 4, 3, 5]),
+    "label != input_ids at a trained token": _label(1, 99),
+    "trained token whose parent is not the previous token": _label(5, 15),
+    "trained token whose parent is not the previous token ": _label(0, 10),
+    "num_tokens differs from len(input_ids)": _set(num_tokens=6),
+    "num_trained_tokens differs from the labels": _set(num_trained_tokens=3),
+    "len(labels) != len(input_ids)": _set(labels=[-100] * 8),
+    "len(seg_parents) != len(seg_lens)": _set(seg_parents=[-1, 0]),
+    "negative token id": _set(input_ids=[10, 11, -12, 13, 14, 15, 16]),
+    "empty row": _set(input_ids=[], position_ids=[], labels=[], num_tokens=0, num_trained_tokens=0),
+    "input_ids is null": _set(input_ids=None),
+}
+
+
+def run_with(tmp_path: Path, broken: dict | None = None) -> Path:
+    """Two shards of 4 rows (row groups of 2); row 5 (shard 1, row 1) is ``broken``."""
+    rng = np.random.default_rng(0)
+    rows = [random_row(rng, 6) for _ in range(8)]
+    rows[5] = broken if broken is not None else copy.deepcopy(BASE)
+    return write_run(tmp_path / "run", rows, rows_per_shard=4, rows_per_group=2)
+
+
+def test_base_row_is_valid(tmp_path: Path) -> None:
+    assert len(OnePassDataset(run_with(tmp_path), cache_dir=tmp_path / "cache")) == 8
+
+
+@pytest.mark.parametrize("what", list(BROKEN))
+def test_broken_row_is_named_by_file_and_row(tmp_path: Path, what: str) -> None:
+    """The runtime's datasets and the CLI readers (stats, inspect) refuse a broken row with
+    the same message: one check of the FORMAT.md rules serves them all."""
+    row = copy.deepcopy(BASE)
+    BROKEN[what](row)
+    folder = run_with(tmp_path, row)
+    expected = re.escape(f"{folder / 'part-00001.parquet'}: row 1: ") + r"(token \d+: )?" + re.escape(what.strip())
+    with pytest.raises(FormatError, match=expected) as error:
+        OnePassDataset(folder, cache_dir=tmp_path / "cache")
+    message = str(error.value)
+    with pytest.raises(FormatError, match=expected):
+        list(OnePassIterableDataset(folder, shuffle=False))
+    runner = CliRunner()
+    for command in (["stats", str(folder)], ["stats", str(folder / "part-00001.parquet")]):
+        result = runner.invoke(app, command, env={"COLUMNS": "1000"})
+        assert result.exit_code == 1 and result.output == f"error: {message}\n", result.output
+    cached = [path.name for path in (tmp_path / "cache").glob("*")]
+    assert len(cached) == 1 and cached[0].startswith("part-00000-"), "a broken shard is not cached"
+
+
+def test_folder_without_manifest_is_an_unfinished_run(tmp_path: Path) -> None:
+    folder = run_with(tmp_path)
+    (folder / "manifest.json").unlink()
+    for source in (folder, folder / "part-00000.parquet"):
+        with pytest.raises(FormatError, match="no manifest.json"):
+            OnePassDataset(source, cache_dir=tmp_path / "cache")
+        with pytest.raises(FormatError, match="no manifest.json"):
+            OnePassIterableDataset(source)
+
+
+def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
+    folder = write_run(tmp_path / "v2", [copy.deepcopy(BASE)], 4, 2, version=2)
+    with pytest.raises(FormatError, match="format_version 2 is unknown"):
+        OnePassDataset(folder, cache_dir=tmp_path / "cache")
+    with pytest.raises(FormatError, match="format_version 2 is unknown"):
+        OnePassIterableDataset(folder)
+
+
+def test_loose_shard_must_be_listed_and_match_the_manifest(tmp_path: Path) -> None:
+    folder = run_with(tmp_path)
+    assert len(OnePassDataset(folder / "part-00001.parquet", cache_dir=tmp_path / "c")) == 4
+    stray = folder / "part-00009.parquet"
+    stray.write_bytes((folder / "part-00000.parquet").read_bytes())
+    with pytest.raises(FormatError, match="not listed"):
+        OnePassDataset(stray, cache_dir=tmp_path / "c")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["rows"] = 5
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="4 rows, the manifest says 5"):
+        OnePassIterableDataset(folder)
+
+
+def test_wrong_column_type_is_named(tmp_path: Path) -> None:
+    folder = run_with(tmp_path)
+    path = folder / "part-00000.parquet"
+    table = pq.read_table(path)
+    index = table.schema.get_field_index("labels")
+    table = table.set_column(index, "labels", table.column("labels").cast(pa.list_(pa.int64())))
+    pq.write_table(table, path)
+    with pytest.raises(FormatError, match=re.escape(f"{path}: column 'labels' is list<element: int64>")):
+        OnePassDataset(folder, cache_dir=tmp_path / "cache")
+
+
+def test_vocab_warning_for_a_model_that_cannot_embed_the_data(tmp_path: Path) -> None:
+    rows = [make_row([5, 6, 900], [-100, 6, 900], [3], [-1])]
+    dataset = OnePassIterableDataset(write_run(tmp_path / "run", rows, 4, 2))
+    with pytest.warns(UserWarning, match="token id 900 but the model's vocabulary has 900"):
+        check_vocab_size(Qwen3Config(vocab_size=900), dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_vocab_size(Qwen3Config(vocab_size=901), dataset)

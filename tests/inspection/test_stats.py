@@ -1,0 +1,121 @@
+"""`onepass-prep stats` against independent counts: N-pass samples rendered straight with
+`apply_chat_template` (tests/reference.py) and masks built by the FORMAT.md rule."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+from helpers.paths import SAMPLE, TEMPLATES
+from helpers.reference import READS, contract_samples, dense_mask, reference_tokenizer
+from helpers.runs import cli, converted, rows
+
+from onepass_prep.inspection.runs import iter_rows, open_run
+
+TEMPLATE_FILES = {
+    "qwen3": None,
+    "keep": TEMPLATES / "keep_reasoning.jinja",
+    "strip": TEMPLATES / "strip_history.jinja",
+}
+
+
+def template_options(template: str) -> tuple[str, ...]:
+    path = TEMPLATE_FILES[template]
+    return ("--chat-template", str(path)) if path else ()
+
+
+@functools.cache
+def reference_samples(template: str) -> dict[str, list[tuple[list[int], int]]]:
+    """Each sample conversation's N-pass samples, rendered without the converter."""
+    path = TEMPLATE_FILES[template]
+    tokenizer = reference_tokenizer(path)
+    records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    return {
+        str(record["id"]): contract_samples(record, tokenizer, READS[path and path.name])
+        for record in records
+    }
+
+
+def stats_json(out) -> dict:
+    result = cli("stats", out, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.mark.parametrize("template", ["qwen3", "keep", "strip"])
+def test_trained_runs_are_the_n_pass_samples(template):
+    """The derivation stats relies on, proved on real layouts: per conversation, the trained
+    runs are the samples with trained tokens, and each ends at depth len(sample) - 1."""
+    name = "no-pack" if template == "qwen3" else f"no-pack-{template}"
+    out = converted(name, "--no-pack", *template_options(template))
+    expected = reference_samples(template)
+    for row in iter_rows(open_run(out)):
+        samples = expected[row.conversation_ids[0]]
+        derived = [int(row.position_ids[end - 1]) + 1 for _, end in row.trained_runs]
+        assert derived == [len(ids) for ids, start in samples if start < len(ids)]
+        assert sum(derived) == row.n_pass_tokens
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "no-pack"])
+def test_stats_numbers_match_independent_counts(pack):
+    out = converted("packed") if pack else converted("no-pack", "--no-pack")
+    stats = stats_json(out)
+    samples = [s for conversation in reference_samples("qwen3").values() for s in conversation]
+    table = rows(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert stats["rows"] == len(table) and stats["shards"] == len(manifest["shards"])
+    assert stats["conversations"] == 36
+    assert stats["trained_runs"] == sum(start < len(ids) for ids, start in samples) == 106
+    assert stats["tokens"]["one_pass"] == sum(row["num_tokens"] for row in table)
+    assert stats["tokens"]["n_pass"] == sum(len(ids) for ids, _ in samples)
+    assert stats["tokens"]["trained"] == sum(len(ids) - start for ids, start in samples)
+    n_pass_pairs = sum(len(ids) * (len(ids) + 1) // 2 for ids, _ in samples)
+    assert stats["attention_pairs"]["n_pass"] == n_pass_pairs
+    assert stats["attention_pairs"]["n_pass_exact"] is True
+    if not pack:  # small rows: count the FORMAT.md mask itself
+        one_pass_pairs = sum(
+            int(dense_mask(row["mask_spec"]["seg_lens"], row["mask_spec"]["seg_parents"]).sum())
+            for row in table
+        )
+        assert stats["attention_pairs"]["one_pass"] == one_pass_pairs
+    lengths = [row["num_tokens"] for row in table]
+    assert stats["row_length"]["max"] == max(lengths) and stats["row_length"]["min"] == min(lengths)
+    assert sum(b["rows"] for b in stats["row_length"]["histogram"]) == len(table)
+    capacity = len(table) * manifest["options"]["max_seq_len"]
+    assert stats["packing"]["padding_tokens"] == capacity - sum(lengths)
+    assert stats["packing"]["fill_rate"] == pytest.approx(manifest["fill_rate"], abs=1e-6)
+
+
+def test_rejections_by_kind_come_from_the_manifest():
+    out = converted("max-700", "--max-seq-len", "700")
+    stats = stats_json(out)
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert stats["run"]["rejected"] == len(rejected) > 0
+    assert stats["run"]["rejected_by_kind"] == {"too-long": len(rejected)}
+    assert stats["run"]["read"] == 36 and stats["conversations"] == 36 - len(rejected)
+    assert stats["row_length"]["max"] <= 700
+
+
+def test_stats_table_and_histogram():
+    result = cli("stats", converted("no-pack", "--no-pack"))
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for label in ("shards / rows", "turns (trained runs)", "attention pairs", "fill rate",
+                  "padding to max_seq_len", "run: rejected", "row length (tokens)"):
+        assert label in text
+    assert "│ tokens                 │           20,298 │      37,438 │" in text
+    histogram = [line for line in text.splitlines() if "–" in line and line.rstrip().endswith("█")]
+    assert len(histogram) >= 5
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_stats_of_one_shard_and_errors(tmp_path):
+    out = converted("two-shards", "--no-pack", "--rows-per-shard", "20")
+    first = stats_json(out / "part-00000.parquet")
+    second = stats_json(out / "part-00001.parquet")
+    assert (first["rows"], second["rows"]) == (20, 16)
+    assert first["tokens"]["n_pass"] + second["tokens"]["n_pass"] == stats_json(out)["tokens"]["n_pass"]
+    (tmp_path / "part-00000.parquet").write_bytes((out / "part-00000.parquet").read_bytes())
+    result = cli("stats", tmp_path / "part-00000.parquet")
+    assert result.exit_code == 1 and "no manifest.json" in result.output
+    assert np.isclose(first["attention_pairs"]["saving"], 1 - first["attention_pairs"]["one_pass"] / first["attention_pairs"]["n_pass"])

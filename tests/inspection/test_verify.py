@@ -1,0 +1,198 @@
+"""`onepass-prep verify` passes on real converted output and fails, naming the place, on
+shards changed one field at a time, on a different tokenizer and on broken files."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from helpers.paths import SAMPLE
+from helpers.runs import cli, converted, row_number
+
+from onepass_prep.format import SCHEMA
+
+
+def no_pack():
+    return converted("no-pack", "--no-pack")
+
+
+def verify(out, *extra, source=SAMPLE):
+    return cli("verify", out, "--input", source, *extra, columns=200)
+
+
+def tampered(tmp_path, source, number, change):
+    """A copy of the run whose row `number` went through `change` (a dict of lists)."""
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    shard = out / "part-00000.parquet"
+    table = pq.read_table(shard).to_pylist()
+    change(table[number])
+    pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), shard, compression="zstd")
+    return out
+
+
+def depths(row) -> list[int]:
+    """Tree depth per token by the FORMAT.md rule, for rows whose parents were changed."""
+    lens, parents = row["mask_spec"]["seg_lens"], row["mask_spec"]["seg_parents"]
+    starts = np.cumsum([0] + lens[:-1])
+    depth = []
+    for segment, (start, length) in enumerate(zip(starts, lens, strict=True)):
+        parent = parents[segment]
+        first = 0 if parent < 0 else depth[starts[parent] + lens[parent] - 1] + 1
+        depth += range(first, first + length)
+        assert len(depth) == start + length
+    return depth
+
+
+def test_verify_passes_on_real_output():
+    result = verify(converted("packed"))
+    assert result.exit_code == 0, result.output
+    assert "36 conversations (0 rejected by the run, not checked), 106 N-pass samples, 10,443 trained pairs" in result.output
+    assert "1 rows, 10,443 labelled tokens" in result.output
+    assert "OK: every trained pair appears exactly once" in result.output
+
+
+def test_verify_skips_what_the_run_rejected():
+    result = verify(converted("max-700", "--max-seq-len", "700"))
+    assert result.exit_code == 0, result.output
+    rejected = len((converted("max-700", "--max-seq-len", "700") / "rejected.jsonl").read_text().splitlines())
+    assert f"({rejected} rejected by the run, not checked)" in result.output
+
+
+def test_model_check_compares_losses(tmp_path):
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("\n".join(lines[:3] + lines[20:23] + lines[-2:]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert cli("convert", subset, "--model", "qwen", "-o", out).exit_code == 0
+    result = verify(out, "--model-check", source=subset)
+    assert result.exit_code == 0, result.output
+    trained = json.loads((out / "manifest.json").read_text())["tokens"]["trained"]
+    assert f"model check: {trained:,} token losses compared, largest difference" in result.output
+
+
+def test_unlabelled_trained_token_is_reported_with_conversation_and_turn(tmp_path):
+    number = row_number(no_pack(), "math-001")
+    spot = {}
+
+    def unlabel(row):
+        labels = np.asarray(row["labels"])
+        second_run = np.flatnonzero((labels[1:] != -100) & (labels[:-1] == -100))[1] + 1
+        spot.update(j=int(second_run), pos=row["position_ids"][second_run])
+        row["labels"][second_run] = -100
+        row["num_trained_tokens"] -= 1
+
+    result = verify(tampered(tmp_path, no_pack(), number, unlabel))
+    assert result.exit_code == 1
+    assert "MISMATCH: 1 problems" in result.output
+    assert (f"conversation math-001 ({SAMPLE}:1), turn 2 (message 4), sample token {spot['pos']} "
+            "'<think>': not trained with exactly its context in any row") in result.output
+
+
+def test_extra_label_is_reported_with_row_and_token(tmp_path):
+    number = row_number(no_pack(), "math-001")
+
+    def label(row):
+        row["labels"][10] = row["input_ids"][10]
+        row["num_trained_tokens"] += 1
+
+    out = tampered(tmp_path, no_pack(), number, label)
+    result = verify(out)
+    assert result.exit_code == 1
+    assert f"row {number} ({out / 'part-00000.parquet'}: row {number}), token 10 " in result.output
+    assert "labelled, but no N-pass sample trains this token with this context" in result.output
+
+
+def test_changed_segment_parent_is_reported(tmp_path):
+    """Segment 4 (math-001's last branch) hung under its trained sibling: positions are
+    recomputed so every invariant holds, but the contexts are wrong."""
+    number = row_number(no_pack(), "math-001")
+
+    def reparent(row):
+        assert row["mask_spec"]["seg_parents"] == [-1, 0, 0, 2, 2]
+        row["mask_spec"]["seg_parents"][4] = 3
+        row["position_ids"] = depths(row)
+
+    result = verify(tampered(tmp_path, no_pack(), number, reparent))
+    assert result.exit_code == 1
+    assert f"conversation math-001 ({SAMPLE}:1), turn 3 (message 6), sample token " in result.output
+    assert f"row {number} (" in result.output and "labelled, but no N-pass sample" in result.output
+
+
+def test_changed_position_breaks_an_invariant(tmp_path):
+    number = row_number(no_pack(), "math-001")
+
+    def shift(row):
+        row["position_ids"][100] += 1
+
+    out = tampered(tmp_path, no_pack(), number, shift)
+    result = verify(out)
+    assert result.exit_code == 1
+    assert f"error: {out / 'part-00000.parquet'}: row {number}: token 100: position_ids != tree depth" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_another_tokenizer_is_refused(tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(converted("packed"), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"]["hash"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = verify(out)
+    assert result.exit_code == 1
+    assert "is not the one the run was converted with" in result.output
+
+
+def test_broken_files_are_named_not_tracebacks(tmp_path):
+    source = converted("packed")
+    cases = {}
+    for case in ("no-manifest", "version", "truncated"):
+        out = tmp_path / case
+        shutil.copytree(source, out)
+        cases[case] = out
+    (cases["no-manifest"] / "manifest.json").unlink()
+    manifest = json.loads((cases["version"] / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (cases["version"] / "manifest.json").write_text(json.dumps(manifest))
+    shard = cases["truncated"] / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    expected = {
+        "no-manifest": f"{cases['no-manifest']}: no manifest.json",
+        "version": "format_version 99 is unknown",
+        "truncated": f"{shard}: not a readable Parquet file",
+    }
+    for case, out in cases.items():
+        result = verify(out)
+        assert result.exit_code == 1, case
+        assert expected[case] in result.output.replace("\n", ""), result.output
+        assert "Traceback" not in result.output
+
+
+def test_input_that_is_not_the_converted_one(tmp_path):
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join(SAMPLE.read_text(encoding="utf-8").splitlines(True)[:8]))
+    result = verify(converted("packed"), source=subset)
+    assert result.exit_code == 1
+    assert "the input holds 8 records, the run read 36" in result.output
+    assert "conversation chat-001: in 1 rows, expected 0" in result.output
+
+
+def test_verify_one_shard_checks_its_conversations():
+    out = converted("two-shards", "--no-pack", "--rows-per-shard", "20")
+    result = verify(out / "part-00001.parquet")
+    assert result.exit_code == 0, result.output
+    assert "16 conversations" in result.output and "16 rows" in result.output
+    assert "one shard of the run: only the conversations in its rows are checked" in result.output
+
+
+def test_verify_without_model_check_does_not_import_torch():
+    code = (
+        "import sys; from onepass_prep.cli import app; from typer.testing import CliRunner;"
+        f"r = CliRunner().invoke(app, ['verify', {str(converted('packed'))!r}, '--input', {str(SAMPLE)!r}]);"
+        "assert r.exit_code == 0, r.output; print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr

@@ -1,0 +1,117 @@
+"""Map-style and streaming datasets: every row, once, in a seeded per-epoch order."""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers.torch_rows import random_row, write_run
+from torch.utils.data import DataLoader
+
+from onepass_prep.torch import OnePassCollator, OnePassDataset, OnePassIterableDataset
+
+ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """40 rows in 4 shards of 10, row groups of 3: 16 row groups of uneven size."""
+    rng = np.random.default_rng(0)
+    rows = [random_row(rng, int(rng.integers(1, 12))) for _ in range(ROWS)]
+    folder = tmp_path_factory.mktemp("data") / "run"
+    return write_run(folder, rows, rows_per_shard=10, rows_per_group=3), rows
+
+
+def key(row: dict) -> tuple[int, ...]:
+    return tuple(int(t) for t in row["input_ids"])
+
+
+def same_row(got: dict, want: dict) -> bool:
+    spec = got["mask_spec"]
+    return (
+        all(list(got[k]) == want[k] for k in ("input_ids", "labels", "position_ids"))
+        and list(spec["seg_lens"]) == want["mask_spec"]["seg_lens"]
+        and list(spec["seg_parents"]) == want["mask_spec"]["seg_parents"]
+    )
+
+
+def test_map_dataset_reads_every_row_in_order(run, tmp_path: Path) -> None:
+    folder, rows = run
+    dataset = OnePassDataset(folder, cache_dir=tmp_path)
+    assert len(dataset) == ROWS
+    assert all(same_row(dataset[i], rows[i]) for i in range(ROWS))
+    assert same_row(dataset[-1], rows[-1])
+    with pytest.raises(IndexError):
+        dataset[ROWS]
+    assert dataset[0]["input_ids"].dtype == np.int32
+
+
+def test_map_dataset_cache_is_built_once_and_survives_pickling(run, tmp_path: Path) -> None:
+    folder, rows = run
+    OnePassDataset(folder, cache_dir=tmp_path)
+    cached = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.arrow")}
+    assert len(cached) == 4
+    again = pickle.loads(pickle.dumps(OnePassDataset(folder, cache_dir=tmp_path)))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.arrow")} == cached
+    assert same_row(again[17], rows[17])
+
+
+def test_map_dataset_over_shard_list_and_workers(run, tmp_path: Path) -> None:
+    folder, rows = run
+    shards = [folder / "part-00003.parquet", folder / "part-00001.parquet"]
+    dataset = OnePassDataset(shards, cache_dir=tmp_path)
+    assert [key(dataset[i]) for i in range(20)] == [key(r) for r in rows[30:40] + rows[10:20]]
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=OnePassCollator())
+    batches = list(loader)
+    assert sum(int((b["labels"] != -100).sum()) for b in batches) == sum(
+        r["num_trained_tokens"] for r in rows[10:20] + rows[30:40]
+    )
+
+
+def stream(folder: Path, rank: int, epoch: int, seed: int = 7) -> list[tuple[int, ...]]:
+    dataset = OnePassIterableDataset(folder, seed=seed, rank=rank, world_size=2)
+    dataset.set_epoch(epoch)
+    loader = DataLoader(dataset, batch_size=None, num_workers=2)
+    return [key(row) for row in loader]
+
+
+def test_stream_sees_every_row_once_per_epoch_across_ranks_and_workers(run) -> None:
+    folder, rows = run
+    orders = {}
+    for epoch in (0, 1):
+        per_rank = [stream(folder, rank, epoch) for rank in (0, 1)]
+        assert Counter(per_rank[0] + per_rank[1]) == Counter(key(r) for r in rows)
+        assert per_rank[0] and per_rank[1]
+        orders[epoch] = per_rank
+    assert orders[0] != orders[1], "each epoch shuffles differently"
+    assert stream(folder, 0, 1) == orders[1][0], "same seed and epoch, same order"
+    assert stream(folder, 0, 1, seed=8) != orders[1][0]
+
+
+def test_stream_without_shuffle_and_single_consumer_is_file_order(run) -> None:
+    folder, rows = run
+    dataset = OnePassIterableDataset(folder, shuffle=False)
+    assert [key(r) for r in dataset] == [key(r) for r in rows]
+
+
+def test_stream_takes_rank_from_torch_distributed(run, tmp_path: Path) -> None:
+    folder, rows = run
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        assert Counter(key(r) for r in OnePassIterableDataset(folder)) == Counter(key(r) for r in rows)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_stream_rank_arguments_are_checked(run) -> None:
+    folder, _ = run
+    with pytest.raises(ValueError, match="both"):
+        OnePassIterableDataset(folder, rank=1)
+    with pytest.raises(ValueError, match="not in"):
+        OnePassIterableDataset(folder, rank=2, world_size=2)

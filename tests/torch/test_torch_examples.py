@@ -1,0 +1,43 @@
+"""The training examples run as documented, on two short converted chats."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.paths import ROOT
+from typer.testing import CliRunner
+
+from onepass_prep.cli import app
+
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory, sample_path: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("examples")
+    lines = [
+        line for line in sample_path.read_text(encoding="utf-8").splitlines()
+        if json.loads(line)["id"] in ("math-005", "sharegpt-001")
+    ]
+    (tmp / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(
+        app, ["convert", str(tmp / "chats.jsonl"), "--model", "qwen", "-o", str(tmp / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    return tmp / "out"
+
+
+@pytest.mark.parametrize("name", ["train_plain", "train_trainer", "train_sft"])
+def test_example_trains(name: str, out_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the Arrow copy of the shards
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), str(out_dir), "--steps", "1"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loss" in done.stdout
