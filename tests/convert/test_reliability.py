@@ -119,8 +119,10 @@ def interrupt_after_shards(command, shards, sig, out):
 
 def test_interrupted_run_resumes_to_identical_bytes(tmp_path):
     data = synth.write(tmp_path / "big.jsonl", 2500, seed=5, turns=2, scale=0.08)
-    with open(data, "ab") as handle:  # rejections must survive the interruption too
-        handle.write(b"{oops\n" * 3)
+    # Rejections all along the file, so that some are written after the last point an
+    # interrupted run saved: resuming must drop those, not write them twice.
+    lines = data.read_bytes().splitlines(keepends=True)
+    data.write_bytes(b"".join(b"{oops\n" + chunk if i % 97 == 0 else chunk for i, chunk in enumerate(lines)))
     whole = tmp_path / "whole"
     assert subprocess.run(convert_command(data, whole), cwd=ROOT, capture_output=True).returncode == 0
 

@@ -39,6 +39,7 @@ KWARGS = {
     "glm-4.6.jinja": {},
     "smollm3.jinja": {},
     "strip_history.jinja": {},
+    "prompt_not_prefix.jinja": {},
     "keep_reasoning.jinja": {},
     "raises.jinja": {},
 }

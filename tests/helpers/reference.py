@@ -4,6 +4,8 @@ with the converter (neither its reading and normalization of records nor its lay
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -30,6 +32,7 @@ READS = {
     "keep_reasoning.jinja": "reasoning_content",
     "raises.jinja": "reasoning_content",
     "strip_history.jinja": None,
+    "prompt_not_prefix.jinja": "reasoning_content",
 }
 
 
@@ -153,6 +156,18 @@ def n_pass_samples(messages: list[dict], tools, tokenizer, **kwargs) -> list[tup
             common += 1
         samples.append((list(full), max(1, common)))
     return samples
+
+
+@functools.cache
+def source_samples(source: Path, template: Path | None = None) -> dict[str, list[tuple[list[int], int]]]:
+    """Each conversation of a JSONL input (by id, in file order): its N-pass samples, rendered
+    by `contract_samples` with `reference_tokenizer`, never by the converter or verify."""
+    tokenizer = reference_tokenizer(template)
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {
+        str(record["id"]): contract_samples(record, tokenizer, READS[template and template.name])
+        for record in records
+    }
 
 
 def n_pass_pairs(samples: list[tuple[list[int], int]]) -> Counter:
