@@ -4,9 +4,12 @@ rows, checked against an independent oracle of the input contract (tests/referen
 every trained pair exactly once, a tiny model's per-token losses, rejections exactly
 where the template cannot render, and the audit of reasoning the template drops."""
 
+import functools
 import json
 import random
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -29,6 +32,7 @@ from onepass_prep.cli import app
 from onepass_prep.convert.render import Renderer
 from onepass_prep.convert.tokenizer import load_tokenizer
 
+_FOLDER = tempfile.TemporaryDirectory(prefix="onepass-prep-templates-")  # removed at exit
 # Template file -> the template kwargs its reasoning mode needs.
 KWARGS = {
     "qwen3.jinja": {},
@@ -112,7 +116,12 @@ def generated_records(seed: int, count: int) -> list[dict]:
     return records
 
 
-def convert(tmp_path, template: str, records: list[dict]) -> tuple[list[dict], dict, dict, str]:
+@functools.cache
+def converted(template: str) -> tuple[list[dict], list[dict], dict, dict, str]:
+    """Generated records, and the CLI's packed rows, rejections (by line), manifest and
+    summary for them (verified by `onepass-prep verify`), once per template and session."""
+    records = generated_records(seed=len(template), count=22)
+    tmp_path = Path(tempfile.mkdtemp(prefix=f"templates-{template}-", dir=_FOLDER.name))
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     out = tmp_path / "out"
@@ -128,16 +137,16 @@ def convert(tmp_path, template: str, records: list[dict]) -> tuple[list[dict], d
         rejected[entry["line"]] = entry
     verified = CliRunner().invoke(app, ["verify", str(out), "--input", str(data)])
     assert verified.exit_code == 0, verified.output
-    return rows, rejected, json.loads((out / "manifest.json").read_text()), result.output
+    return records, rows, rejected, json.loads((out / "manifest.json").read_text()), result.output
 
 
-@pytest.mark.parametrize("template", sorted(KWARGS))
-def test_template_converts_exactly(tmp_path, template):
-    records = generated_records(seed=len(template), count=22)
-    rows, rejected, manifest, output = convert(tmp_path, template, records)
+@functools.cache
+def oracle(template: str) -> tuple[dict[int, list[tuple[list[int], int]]], set[int]]:
+    """The N-pass samples of each generated record (by line) from the independent oracle,
+    and the lines it rejects (the template cannot render them, or they train nothing)."""
+    records = converted(template)[0]
     tokenizer, reads = reference_tokenizer(TEMPLATES / template), READS[template]
-    expected, samples, refused = Counter(), [], set()
-    turns_with_reasoning = dropped = 0
+    samples, refused = {}, set()
     for line, record in enumerate(records, start=1):
         try:
             found = contract_samples(record, tokenizer, reads, KWARGS[template])
@@ -147,9 +156,20 @@ def test_template_converts_exactly(tmp_path, template):
         if not any(start < len(ids) for ids, start in found):
             refused.add(line)  # nothing to train
             continue
-        samples += found
-        expected += n_pass_pairs(found)
-        assistants = [m for m in record_messages(record) if m["role"] == "assistant"]
+        samples[line] = found
+    return samples, refused
+
+
+@pytest.mark.parametrize("template", sorted(KWARGS))
+def test_template_converts_exactly(template):
+    """Packed rows train exactly the oracle's pairs; rejections, audit and verify agree."""
+    records, rows, rejected, manifest, output = converted(template)
+    tokenizer = reference_tokenizer(TEMPLATES / template)
+    samples, refused = oracle(template)
+    expected = sum((n_pass_pairs(found) for found in samples.values()), Counter())
+    turns_with_reasoning = dropped = 0
+    for line, found in samples.items():
+        assistants = [m for m in record_messages(records[line - 1]) if m["role"] == "assistant"]
         for message, (ids, start) in zip(assistants, found, strict=True):
             reasoning = contract_reasoning(message)
             if start < len(ids) and reasoning and reasoning.strip():
@@ -167,6 +187,13 @@ def test_template_converts_exactly(tmp_path, template):
         assert dropped > 0  # they strip the trained turn's reasoning (but in tool calls, R1)
     if READS[template] is not None:
         assert dropped == 0
+
+
+@pytest.mark.parametrize("template", sorted(KWARGS))
+def test_template_rows_give_n_pass_losses(template):
+    """A tiny random Qwen3's per-token losses over the packed rows equal N separate passes."""
+    rows = converted(template)[1]
+    samples = [sample for found in oracle(template)[0].values() for sample in found]
     assert_losses_match(tiny_qwen3(), rows, samples)
 
 

@@ -1,13 +1,12 @@
 """`onepass-prep stats` against independent counts: N-pass samples rendered straight with
 `apply_chat_template` (tests/reference.py) and masks built by the FORMAT.md rule."""
 
-import functools
 import json
 
 import numpy as np
 import pytest
 from helpers.paths import SAMPLE, TEMPLATES
-from helpers.reference import READS, contract_samples, dense_mask, reference_tokenizer
+from helpers.reference import dense_mask, source_samples
 from helpers.runs import cli, converted, rows
 
 from onepass_prep.inspection.runs import iter_rows, open_run
@@ -24,16 +23,14 @@ def template_options(template: str) -> tuple[str, ...]:
     return ("--chat-template", str(path)) if path else ()
 
 
-@functools.cache
 def reference_samples(template: str) -> dict[str, list[tuple[list[int], int]]]:
     """Each sample conversation's N-pass samples, rendered without the converter."""
-    path = TEMPLATE_FILES[template]
-    tokenizer = reference_tokenizer(path)
-    records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
-    return {
-        str(record["id"]): contract_samples(record, tokenizer, READS[path and path.name])
-        for record in records
-    }
+    return source_samples(SAMPLE, TEMPLATE_FILES[template])
+
+
+def input_records() -> int:
+    """Records in the sample input, counted off the file itself."""
+    return sum(1 for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def stats_json(out) -> dict:
@@ -64,8 +61,8 @@ def test_stats_numbers_match_independent_counts(pack):
     table = rows(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert stats["rows"] == len(table) and stats["shards"] == len(manifest["shards"])
-    assert stats["conversations"] == 36
-    assert stats["trained_runs"] == sum(start < len(ids) for ids, start in samples) == 106
+    assert stats["conversations"] == len(reference_samples("qwen3")) == input_records()
+    assert stats["trained_runs"] == sum(start < len(ids) for ids, start in samples)
     assert stats["tokens"]["one_pass"] == sum(row["num_tokens"] for row in table)
     assert stats["tokens"]["n_pass"] == sum(len(ids) for ids, _ in samples)
     assert stats["tokens"]["trained"] == sum(len(ids) - start for ids, start in samples)
@@ -92,18 +89,37 @@ def test_rejections_by_kind_come_from_the_manifest():
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert stats["run"]["rejected"] == len(rejected) > 0
     assert stats["run"]["rejected_by_kind"] == {"too-long": len(rejected)}
-    assert stats["run"]["read"] == 36 and stats["conversations"] == 36 - len(rejected)
+    assert stats["run"]["read"] == input_records()
+    assert stats["conversations"] == input_records() - len(rejected)
     assert stats["row_length"]["max"] <= 700
 
 
+def table_cells(text: str, label: str) -> list[str]:
+    """The stripped cells of the stats table's row called `label`."""
+    line = next(line for line in text.splitlines() if line.startswith(f"│ {label} "))
+    return [cell.strip() for cell in line.split("│")[1:-1]]
+
+
 def test_stats_table_and_histogram():
-    result = cli("stats", converted("no-pack", "--no-pack"))
+    out = converted("no-pack", "--no-pack")
+    result = cli("stats", out)
     assert result.exit_code == 0, result.output
     text = result.output
     for label in ("shards / rows", "turns (trained runs)", "attention pairs", "fill rate",
                   "padding to max_seq_len", "run: rejected", "row length (tokens)"):
         assert label in text
-    assert "│ tokens                 │           20,298 │      37,438 │" in text
+    # One-pass: the tokens of the rows as Parquet holds them; N-pass: the tokens of the
+    # samples the oracle renders (no converter, no stats code).
+    one_pass = sum(row["num_tokens"] for row in rows(out))
+    samples = [s for conversation in reference_samples("qwen3").values() for s in conversation]
+    n_pass = sum(len(ids) for ids, _ in samples)
+    assert one_pass < n_pass
+    header = next(line for line in text.splitlines() if "one-pass" in line)
+    assert [cell.strip() for cell in header.split("│")[1:-1]] == ["", "one-pass", "N-pass"]
+    assert table_cells(text, "tokens") == ["tokens", f"{one_pass:,}", f"{n_pass:,}"]
+    trained = sum(len(ids) - start for ids, start in samples)
+    assert table_cells(text, "trained tokens") == ["trained tokens", f"{trained:,}", ""]
+    assert table_cells(text, "turns (trained runs)")[1] == f"{sum(s < len(i) for i, s in samples):,}"
     histogram = [line for line in text.splitlines() if "–" in line and line.rstrip().endswith("█")]
     assert len(histogram) >= 5
     assert max(len(line) for line in text.splitlines()) <= 100
@@ -113,7 +129,7 @@ def test_stats_of_one_shard_and_errors(tmp_path):
     out = converted("two-shards", "--no-pack", "--rows-per-shard", "20")
     first = stats_json(out / "part-00000.parquet")
     second = stats_json(out / "part-00001.parquet")
-    assert (first["rows"], second["rows"]) == (20, 16)
+    assert (first["rows"], second["rows"]) == (20, len(rows(out)) - 20)
     assert first["tokens"]["n_pass"] + second["tokens"]["n_pass"] == stats_json(out)["tokens"]["n_pass"]
     (tmp_path / "part-00000.parquet").write_bytes((out / "part-00000.parquet").read_bytes())
     result = cli("stats", tmp_path / "part-00000.parquet")

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from helpers.paths import SAMPLE
-from helpers.runs import cli, converted, row_number
+from helpers.reference import source_samples
+from helpers.runs import cli, converted, row_number, rows
 
 from onepass_prep.format import SCHEMA
 
@@ -34,6 +35,24 @@ def tampered(tmp_path, source, number, change):
     return out
 
 
+RECORDS = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+
+
+def line_of(conversation_id: str) -> int:
+    """1-based line of a conversation in the sample input."""
+    return next(i for i, record in enumerate(RECORDS, start=1) if record["id"] == conversation_id)
+
+
+def assistant_message(conversation_id: str, turn: int) -> int:
+    """Index in the record's messages of the assistant message of trained turn `turn` (1-based)."""
+    messages = RECORDS[line_of(conversation_id) - 1]["messages"]
+    return [i for i, message in enumerate(messages) if message["role"] == "assistant"][turn - 1]
+
+
+def labelled(table: list[dict]) -> int:
+    return sum(label != -100 for row in table for label in row["labels"])
+
+
 def depths(row) -> list[int]:
     """Tree depth per token by the FORMAT.md rule, for rows whose parents were changed."""
     lens, parents = row["mask_spec"]["seg_lens"], row["mask_spec"]["seg_parents"]
@@ -48,10 +67,19 @@ def depths(row) -> list[int]:
 
 
 def test_verify_passes_on_real_output():
-    result = verify(converted("packed"))
+    out = converted("packed")
+    result = verify(out)
     assert result.exit_code == 0, result.output
-    assert "36 conversations (0 rejected by the run, not checked), 106 N-pass samples, 10,443 trained pairs" in result.output
-    assert "1 rows, 10,443 labelled tokens" in result.output
+    # Counts from the oracle's samples (tests/helpers/reference.py) and the Parquet rows.
+    conversations = source_samples(SAMPLE)
+    samples = [sample for turns in conversations.values() for sample in turns]
+    assert not (out / "rejected.jsonl").exists() or not (out / "rejected.jsonl").read_text().strip()
+    pairs = sum(len(ids) - start for ids, start in samples)
+    table = rows(out)
+    assert labelled(table) == pairs  # what the OK line below claims, counted here
+    assert (f"{len(conversations):,} conversations (0 rejected by the run, not checked), "
+            f"{len(samples):,} N-pass samples, {pairs:,} trained pairs; "
+            f"{len(table):,} rows, {labelled(table):,} labelled tokens") in result.output.replace("\n", "")
     assert "OK: every trained pair appears exactly once" in result.output
 
 
@@ -70,7 +98,8 @@ def test_model_check_compares_losses(tmp_path):
     assert cli("convert", subset, "--model", "qwen", "-o", out).exit_code == 0
     result = verify(out, "--model-check", source=subset)
     assert result.exit_code == 0, result.output
-    trained = json.loads((out / "manifest.json").read_text())["tokens"]["trained"]
+    trained = labelled(rows(out))  # one loss per labelled token of the rows
+    assert trained == sum(len(ids) - start for turns in source_samples(subset).values() for ids, start in turns)
     assert f"model check: {trained:,} token losses compared, largest difference" in result.output
 
 
@@ -88,7 +117,8 @@ def test_unlabelled_trained_token_is_reported_with_conversation_and_turn(tmp_pat
     result = verify(tampered(tmp_path, no_pack(), number, unlabel))
     assert result.exit_code == 1
     assert "MISMATCH: 1 problems" in result.output
-    assert (f"conversation math-001 ({SAMPLE}:1), turn 2 (message 4), sample token {spot['pos']} "
+    assert (f"conversation math-001 ({SAMPLE}:{line_of('math-001')}), turn 2 "
+            f"(message {assistant_message('math-001', 2)}), sample token {spot['pos']} "
             "'<think>': not trained with exactly its context in any row") in result.output
 
 
@@ -118,7 +148,8 @@ def test_changed_segment_parent_is_reported(tmp_path):
 
     result = verify(tampered(tmp_path, no_pack(), number, reparent))
     assert result.exit_code == 1
-    assert f"conversation math-001 ({SAMPLE}:1), turn 3 (message 6), sample token " in result.output
+    assert (f"conversation math-001 ({SAMPLE}:{line_of('math-001')}), turn 3 "
+            f"(message {assistant_message('math-001', 3)}), sample token ") in result.output
     assert f"row {number} (" in result.output and "labelled, but no N-pass sample" in result.output
 
 
@@ -176,7 +207,8 @@ def test_input_that_is_not_the_converted_one(tmp_path):
     subset.write_text("".join(SAMPLE.read_text(encoding="utf-8").splitlines(True)[:8]))
     result = verify(converted("packed"), source=subset)
     assert result.exit_code == 1
-    assert "the input holds 8 records, the run read 36" in result.output
+    assert f"the input holds 8 records, the run read {len(RECORDS)}" in result.output
+    assert "chat-001" not in [record["id"] for record in RECORDS[:8]]
     assert "conversation chat-001: in 1 rows, expected 0" in result.output
 
 
@@ -184,7 +216,12 @@ def test_verify_one_shard_checks_its_conversations():
     out = converted("two-shards", "--no-pack", "--rows-per-shard", "20")
     result = verify(out / "part-00001.parquet")
     assert result.exit_code == 0, result.output
-    assert "16 conversations" in result.output and "16 rows" in result.output
+    table = pq.read_table(out / "part-00001.parquet").to_pylist()
+    conversations = {c for row in table for c in row["conversation_ids"]}
+    samples = [s for c in conversations for s in source_samples(SAMPLE)[c]]
+    assert (f"{len(conversations):,} conversations (0 rejected by the run, not checked), "
+            f"{len(samples):,} N-pass samples, {sum(len(i) - t for i, t in samples):,} trained pairs; "
+            f"{len(table):,} rows, {labelled(table):,} labelled tokens") in result.output.replace("\n", "")
     assert "one shard of the run: only the conversations in its rows are checked" in result.output
 
 

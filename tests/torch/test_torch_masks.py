@@ -75,13 +75,23 @@ def test_block_mask_matches_dense_reference(seed: int) -> None:
     assert int(mask.kv_num_blocks.sum()) + int(mask.full_kv_num_blocks.sum()) < blocks  # sparse
 
 
-def test_mask_mod_reads_only_the_per_token_structure() -> None:
-    _, batch = random_batch(1, rows=1, multiple=8)
-    mod = tree_mask_mod(batch["subtree_end"])
-    q, kv = torch.tensor(5), torch.tensor(3)
-    assert bool(mod(torch.tensor(0), torch.tensor(0), q, kv)) == bool(
-        bool_mask(batch["subtree_end"])[0, 0, 5, 3]
-    )
+@pytest.mark.parametrize("seed", range(4))
+def test_mask_mod_reads_only_the_per_token_structure(seed: int) -> None:
+    """The mask_mod, given only subtree_end, on every (b, h, q, kv) of the batch at once
+    (broadcast index tensors, as flex calls it) equals the FORMAT.md rule walked over
+    seg_parents; heads change nothing."""
+    rows, batch = random_batch(seed, rows=3, multiple=8)
+    length = batch["input_ids"].shape[1]
+    expected = dense_reference(rows, length)
+    mod = tree_mask_mod(batch["subtree_end"].clone())
+    b = torch.arange(len(rows))[:, None, None, None]
+    h = torch.arange(2)[None, :, None, None]
+    q = torch.arange(length)[None, None, :, None]
+    kv = torch.arange(length)[None, None, None, :]
+    evaluated = torch.broadcast_to(mod(b, h, q, kv), (len(rows), 2, length, length))
+    assert evaluated.dtype == torch.bool
+    assert torch.equal(evaluated[:, 0], expected) and torch.equal(evaluated[:, 1], expected)
+    assert expected.any() and (~expected & torch.ones_like(expected).tril()).any()  # not all-causal
 
 
 FLEX_VS_SDPA = textwrap.dedent(
