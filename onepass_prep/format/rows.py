@@ -136,7 +136,8 @@ def _nulls(array: pa.Array, n: int) -> np.ndarray:
 
 
 def _inner_nulls(array: pa.ListArray) -> np.ndarray:
-    offsets, _ = list_parts(array)
+    offsets = array.offsets.to_numpy()  # not list_parts: its values would not convert
+    offsets = offsets - offsets[0]
     flat = array.flatten().is_null().to_numpy(zero_copy_only=False)
     rows = np.repeat(np.arange(len(array)), np.diff(offsets))
     return _any_per_row(flat, rows, len(array))

@@ -13,11 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers.torch_rows import make_row, random_row, write_run
+from helpers.torch_rows import make_row, random_row, table_of, write_run
 from transformers import Qwen3Config
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
+from onepass_prep.format import list_columns, list_parts, validate_batch
 from onepass_prep.torch import (
     FormatError,
     OnePassDataset,
@@ -58,6 +59,7 @@ BROKEN = {
     "a seg_lens entry is < 1": _set(seg_lens=[3, 2, 2, 0], seg_parents=[-1, 0, 0, -1]),
     "seg_parents[s] is not -1 or < s": _set(seg_parents=[-1, 0, 2]),
     "seg_parents[s] is not -1 or < s ": _set(seg_parents=[0, 0, 0]),
+    "seg_parents[s] is not -1 or < s  ": _set(seg_parents=[-2, 0, 0]),
     "segments not in depth-first pre-order": _not_preorder,
     "position_ids != tree depth": _set(position_ids=[0, 1, 2, 3, 4, 3, 5]),
     "label != input_ids at a trained token": _label(1, 99),
@@ -70,6 +72,7 @@ BROKEN = {
     "negative token id": _set(input_ids=[10, 11, -12, 13, 14, 15, 16]),
     "empty row": _set(input_ids=[], position_ids=[], labels=[], num_tokens=0, num_trained_tokens=0),
     "input_ids is null": _set(input_ids=None),
+    "input_ids holds a null": _set(input_ids=[10, 11, None, 13, 14, 15, 16]),
 }
 
 
@@ -104,6 +107,49 @@ def test_broken_row_is_named_by_file_and_row(tmp_path: Path, what: str) -> None:
         assert result.exit_code == 1 and result.output == f"error: {message}\n", result.output
     cached = [path.name for path in (tmp_path / "cache").glob("*")]
     assert len(cached) == 1 and cached[0].startswith("part-00000-"), "a broken shard is not cached"
+
+
+@pytest.mark.parametrize("at", [4, 5])
+def test_the_reported_token_is_the_broken_one_and_a_label_never_starts_a_row(tmp_path: Path, at: int) -> None:
+    """A labelled first token of a row is refused even where the row is the first of its
+    batch (row 4 starts shard 1's first row group), and the message gives the token
+    index within the row, whichever row of the batch it is."""
+    rng = np.random.default_rng(0)
+    rows = [random_row(rng, 6) for _ in range(8)]
+    rows[at] = copy.deepcopy(BASE)
+    _label(0, 10)(rows[at])
+    folder = write_run(tmp_path / "run", rows, rows_per_shard=4, rows_per_group=2)
+    with pytest.raises(FormatError, match=re.escape(f"row {at - 4}: token 0: trained token whose parent")):
+        OnePassDataset(folder, cache_dir=tmp_path / "cache")
+    rows[at] = copy.deepcopy(BASE)
+    _set(position_ids=[0, 1, 2, 3, 4, 3, 5])(rows[at])
+    folder = write_run(tmp_path / "run2", rows, rows_per_shard=4, rows_per_group=2)
+    with pytest.raises(FormatError, match=re.escape(f"row {at - 4}: token 6: position_ids != tree depth")):
+        OnePassDataset(folder, cache_dir=tmp_path / "cache2")
+
+
+def test_rows_of_a_sliced_batch_are_read_and_checked_as_themselves() -> None:
+    """Arrow slices keep their parent's offsets; readers take rows out of slices."""
+    rng = np.random.default_rng(1)
+    rows = [random_row(rng, 5) for _ in range(4)]
+    table = table_of(rows)
+    for start in range(4):
+        part = table.slice(start, 2)
+        validate_batch(part, "mem", start)
+        offsets, values = list_parts(list_columns(part)["input_ids"])
+        got = [values[offsets[i] : offsets[i + 1]].tolist() for i in range(part.num_rows)]
+        assert got == [row["input_ids"] for row in rows[start : start + 2]]
+    broken = copy.deepcopy(BASE)
+    _label(5, 15)(broken)
+    with pytest.raises(FormatError, match=re.escape("mem: row 3: token 5:")):
+        validate_batch(table_of([*rows[:3], broken]).slice(2, 2), "mem", 2)
+
+
+def test_a_manifest_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    folder = run_with(tmp_path)
+    (folder / "manifest.json").write_text("[]")
+    with pytest.raises(FormatError, match="not an onepass-prep manifest"):
+        OnePassDataset(folder, cache_dir=tmp_path / "cache")
 
 
 def test_folder_without_manifest_is_an_unfinished_run(tmp_path: Path) -> None:
