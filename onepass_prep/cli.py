@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -18,6 +20,7 @@ app = typer.Typer(
     help="Exact one-pass training data for multi-turn reasoning chats.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain click help: no type column with <bool> after flags
 )
 console = Console(stderr=True)
 
@@ -50,25 +53,27 @@ def _template_kwargs(value: str | None) -> dict:
 
 @app.command("convert")
 def convert_command(
-    inputs: list[Path] = typer.Argument(..., help="Chat JSONL files (OpenAI messages or ShareGPT)."),
-    model: str = typer.Option(..., "--model", "-m", help="'qwen' (Qwen3, offline), a tokenizer folder or a hub id."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for shards and manifest."),
-    chat_template: Path | None = typer.Option(None, help="Jinja file that replaces the tokenizer's chat template."),
-    think_tags: str = typer.Option("<think>,</think>", help="Tags around inline reasoning: OPEN,CLOSE."),
-    chat_template_kwargs: str | None = typer.Option(None, help="JSON object passed to every rendering, e.g. '{\"enable_thinking\": true}'; a record's own chat_template_kwargs go over it."),
-    max_seq_len: int = typer.Option(32768, min=2, help="Longest row; longer conversations are rejected."),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help="Chat JSONL files (OpenAI messages or ShareGPT)."),
+    model: str = typer.Option(..., "--model", "-m", metavar="MODEL", help="'qwen' (Qwen3, offline), a tokenizer folder or a hub id."),
+    out_dir: Path = typer.Option(..., "--out", "-o", metavar="OUT", help="Output folder for shards and manifest."),
+    chat_template: Path | None = typer.Option(None, metavar="FILE", help="Jinja file that replaces the tokenizer's chat template."),
+    think_tags: str = typer.Option("<think>,</think>", metavar="OPEN,CLOSE", help="Tags around inline reasoning: OPEN,CLOSE."),
+    chat_template_kwargs: str | None = typer.Option(None, metavar="JSON", help="JSON object passed to every rendering, e.g. '{\"enable_thinking\": true}'; a record's own chat_template_kwargs go over it."),
+    max_seq_len: int = typer.Option(32768, min=2, metavar="N", help="Longest row; longer conversations are rejected."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack several conversations into a row."),
-    rows_per_shard: int = typer.Option(1000, min=1, help="Rows per Parquet shard."),
-    num_proc: int = typer.Option(1, min=1, help="Worker processes; the output does not depend on it."),
+    rows_per_shard: int = typer.Option(1000, min=1, metavar="N", help="Rows per Parquet shard."),
+    num_proc: int = typer.Option(1, min=1, metavar="N", help="Worker processes; the output does not depend on it."),
     overwrite: bool = typer.Option(False, help="Replace an earlier run's output in OUT."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in OUT where it stopped."),
     strict: bool = typer.Option(False, help="Stop at the first record that cannot be converted."),
+    debug: bool = typer.Option(False, help="On an error, show the traceback, not one line."),
 ) -> None:
     """Convert chats into Parquet shards that train every turn exactly in one pass.
 
     Exit status: 0 done (records that could not be converted are in OUT/rejected.jsonl),
-    1 the run could not be done (input, output folder, tokenizer), 2 bad usage,
-    3 --strict met a bad record, 130 interrupted (continue with --resume).
+    1 the run could not be done (input, output folder, tokenizer, disk) or every record
+    was rejected, 2 bad usage, 3 --strict met a bad record, 130 interrupted (continue with
+    --resume).
     """
     options = ConvertOptions(
         model=model,
@@ -90,17 +95,37 @@ def convert_command(
             task = progress.add_task("convert", total=total)
             summary = convert(inputs, out_dir, options, lambda size: progress.advance(task, size))
     except StrictError as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(3) from None
-    except ConvertError as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail(error, 3, debug)
+    except (ConvertError, OSError) as error:
+        _fail(error, 1, debug)
     except KeyboardInterrupt:
         console.print(f"interrupted: continue with the same command and --resume (output: {out_dir})")
         raise typer.Exit(130) from None
+    for note in summary.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     console.print(summary_table(summary, out_dir))
     if summary.reasoning_dropped:
         console.print(f"[yellow]warning:[/yellow] {dropped_reasoning_warning(summary.reasoning_dropped, summary.reasoning_turns)}", highlight=False, soft_wrap=True)
+    if summary.read and not summary.written:
+        _fail(ConvertError(f"every record was rejected; the reasons are in {out_dir / 'rejected.jsonl'}"), 1, debug)
+
+
+def _fail(error: Exception, status: int, debug: bool) -> NoReturn:
+    """One line that names what failed and why (the path and the system's reason for an
+    environment failure), or the traceback with --debug."""
+    if debug:
+        raise error
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        message = f"{where}{error.strerror or error}"
+        if error.errno == errno.ENOSPC:
+            message += " (disk full)"
+        elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            message += " (cannot write there)"
+    else:
+        message = str(error)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(status)
 
 
 def dropped_reasoning_warning(dropped: int, turns: int) -> str:
@@ -156,11 +181,11 @@ def _token_range(value: str, length: int) -> tuple[int, int]:
 
 @app.command("inspect")
 def inspect_command(
-    path: Path = typer.Argument(..., help="An output folder or one of its shards."),
-    row: int = typer.Option(0, min=0, help="Row number within the run (or within the shard given)."),
-    tokens: str | None = typer.Option(None, help="START:END (e.g. 100:140): a table of these tokens instead of the tree and mask."),
-    png: Path | None = typer.Option(None, help="Also write the whole mask as a PNG picture."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Tokenizer to decode with, instead of the manifest's."),
+    path: Path = typer.Argument(..., metavar="PATH", help="An output folder or one of its shards."),
+    row: int = typer.Option(0, min=0, metavar="N", help="Row number within the run (or within the shard given)."),
+    tokens: str | None = typer.Option(None, metavar="START:END", help="START:END (e.g. 100:140): a table of these tokens instead of the tree and mask."),
+    png: Path | None = typer.Option(None, metavar="FILE", help="Also write the whole mask as a PNG picture."),
+    model: str | None = typer.Option(None, "--model", "-m", metavar="MODEL", help="Tokenizer to decode with, instead of the manifest's."),
 ) -> None:
     """Show one row: its segment tree with roles and text, and its attention mask."""
     from onepass_prep.format import FormatError
@@ -183,14 +208,13 @@ def inspect_command(
             width, height = save_mask_picture(view, png)
             out.print(f"wrote {png} ({width}x{height})")
     except FormatError as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(1) from None
+        _fail(error, 1, debug=False)
 
 
 
 @app.command("stats")
 def stats_command(
-    path: Path = typer.Argument(..., help="An output folder or one of its shards."),
+    path: Path = typer.Argument(..., metavar="PATH", help="An output folder or one of its shards."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Rows, conversations, turns, lengths, and tokens and attention work one-pass vs N-pass."""
@@ -201,8 +225,7 @@ def stats_command(
     try:
         stats = compute_stats(open_run(path))
     except FormatError as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(1) from None
+        _fail(error, 1, debug=False)
     if as_json:
         typer.echo(json.dumps(stats_json(stats), indent=2))
     else:
@@ -213,9 +236,9 @@ def stats_command(
 
 @app.command("verify")
 def verify_command(
-    path: Path = typer.Argument(..., help="An output folder or one of its shards."),
-    inputs: list[Path] = typer.Option(..., "--input", "-i", exists=True, dir_okay=False, help="The JSONL the run was converted from (repeat for several)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Tokenizer to use instead of the manifest's name; its hash must match."),
+    path: Path = typer.Argument(..., metavar="PATH", help="An output folder or one of its shards."),
+    inputs: list[Path] = typer.Option(..., "--input", "-i", metavar="INPUT.jsonl", exists=True, dir_okay=False, help="The JSONL the run was converted from (repeat for several)."),
+    model: str | None = typer.Option(None, "--model", "-m", metavar="MODEL", help="Tokenizer to use instead of the manifest's name; its hash must match."),
     model_check: bool = typer.Option(False, help="Also compare per-token losses of a tiny random Qwen3 (needs torch)."),
 ) -> None:
     """Re-render the N-pass samples and check every row against them: exit 0 only if exact."""
@@ -227,8 +250,7 @@ def verify_command(
     try:
         report = verify(open_run(path), inputs, model, model_check)
     except FormatError as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(1) from None
+        _fail(error, 1, debug=False)
     out.print(
         f"{report.conversations:,} conversations ({report.rejected_skipped:,} rejected by the run, "
         f"not checked), {report.samples:,} N-pass samples, {report.pairs:,} trained pairs; "

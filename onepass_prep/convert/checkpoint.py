@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from onepass_prep.format import MANIFEST, REJECTED
+from onepass_prep.format import LOCK, MANIFEST, REJECTED, lock_holder
 
 PROGRESS = ".progress.json"
 
@@ -41,15 +42,34 @@ class Checkpoint:
     shards: list[dict] = field(default_factory=list)
     sync: SyncPoint = field(default_factory=SyncPoint)
     skip_rows: int = 0  # regenerated rows already in completed shards
+    notes: list[str] = field(default_factory=list)  # things the user should hear of
 
     @classmethod
     def start(cls, out_dir: Path, fingerprint: dict, overwrite: bool, resume: bool) -> Checkpoint:
+        """Take the folder's lock and set it up for a fresh or resumed run; `release`
+        gives the lock back, however the run ends."""
+        if out_dir.exists() and not out_dir.is_dir():
+            raise RunError(f"output {out_dir}: is a file, not a folder")
         out_dir.mkdir(parents=True, exist_ok=True)
+        notes = _lock(out_dir)
+        try:
+            checkpoint = cls._start(out_dir, fingerprint, overwrite, resume)
+        except BaseException:
+            (out_dir / LOCK).unlink(missing_ok=True)
+            raise
+        checkpoint.notes = notes
+        return checkpoint
+
+    def release(self) -> None:
+        (self.out_dir / LOCK).unlink(missing_ok=True)
+
+    @classmethod
+    def _start(cls, out_dir: Path, fingerprint: dict, overwrite: bool, resume: bool) -> Checkpoint:
         if resume and (out_dir / PROGRESS).is_file():
             return cls._resume(out_dir, fingerprint)
         if resume and (out_dir / MANIFEST).is_file():
             raise RunError(f"{out_dir} holds a finished run; nothing to resume")
-        entries = list(out_dir.iterdir())
+        entries = [path for path in out_dir.iterdir() if path.name != LOCK]  # ours, just taken
         ours = [path for path in entries if _is_ours(path.name)]
         if len(ours) != len(entries):
             raise RunError(f"output folder {out_dir} holds files onepass-prep did not write")
@@ -91,4 +111,29 @@ class Checkpoint:
 
 
 def _is_ours(name: str) -> bool:
-    return name.startswith(("part-", MANIFEST, REJECTED, PROGRESS))
+    return name.startswith(("part-", MANIFEST, REJECTED, PROGRESS, LOCK))
+
+
+def _lock(out_dir: Path) -> list[str]:
+    """Create the lock file atomically, or refuse: one convert per folder at a time. A
+    lock left by a process that is gone (killed) is taken over, and said so."""
+    notes = []
+    for _ in range(2):
+        try:
+            descriptor = os.open(out_dir / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock_holder(out_dir)
+            if holder is None:
+                continue  # released between our two looks
+            if holder["alive"]:
+                raise RunError(
+                    f"{out_dir} is in use by another convert (pid {holder['pid']} on {holder['host']}); "
+                    f"if no such run is going on, delete {out_dir / LOCK}"
+                ) from None
+            notes.append(f"took over the lock left in {out_dir} by pid {holder['pid']}, which is gone")
+            (out_dir / LOCK).unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+        return notes
+    raise RunError(f"{out_dir}: could not take the lock {LOCK}")

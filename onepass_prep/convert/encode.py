@@ -27,12 +27,20 @@ class PieceEncoder:
             and "Metaspace" not in repr(backend.pre_tokenizer)
             and not any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added.values())
         )
+        # The most characters one token stands for (a byte-level vocabulary writes one
+        # character per byte); with NFC's composition (at most 4 characters into 1, e.g.
+        # u + diaeresis + macron), a text of n characters has at least n / (4 * this) tokens.
+        self.max_token_chars = max(len(token) for token in backend.get_vocab(with_added_tokens=True))
         # Ids of the pieces that need no tokenizing: added tokens, and the empty text.
         self.fixed_ids = {t.content: np.asarray([i], dtype=np.int32) for i, t in added.items()}
         self.fixed_ids[""] = np.zeros(0, dtype=np.int32)
         # Longest first: the leftmost-longest match the tokenizer itself makes.
         contents = sorted((token.content for token in added.values()), key=len, reverse=True)
         self.splitter = re.compile("(" + "|".join(map(re.escape, contents)) + ")") if added else None
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text`, known without tokenizing it."""
+        return len(text) // (4 * self.max_token_chars)
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         if not self.piecewise or self.splitter is None:

@@ -25,6 +25,7 @@ SHAREGPT_ROLES = {
 OPENAI_ROLES = {"system", "user", "assistant", "tool"}
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets and templates use
 CONTENT_PART_TYPES = {"text", "reasoning", "thinking"}
+UTF8_BOM = b"\xef\xbb\xbf"  # accepted at the start of a file
 # apply_chat_template's own arguments: template kwargs may not set them.
 RESERVED_TEMPLATE_ARGUMENTS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
@@ -89,6 +90,8 @@ def parse_line(
     raw_bytes: bytes, source: str, line_number: int, think_tags: tuple[str, str]
 ) -> Conversation | Rejection | None:
     """Parse one JSONL line; `None` for a blank line."""
+    if line_number == 1 and raw_bytes.startswith(UTF8_BOM):
+        raw_bytes = raw_bytes[len(UTF8_BOM) :]
     try:
         raw = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -106,6 +109,12 @@ def parse_line(
             raise BadRecord(
                 "invalid-json", f"invalid JSON: {error.msg} at column {error.colno}"
             ) from None
+        except RecursionError:
+            raise BadRecord("too-deep", "JSON nested too deeply to read") from None
+        if "\\u" in raw and _has_lone_surrogate(record):
+            raise BadRecord(
+                "bad-unicode", "a string holds a lone surrogate escape (\\ud800-\\udfff), not text"
+            )
         if not isinstance(record, dict):
             raise BadRecord(
                 "not-an-object", f"a line must hold a JSON object, got {type(record).__name__}"
@@ -115,6 +124,16 @@ def parse_line(
     except BadRecord as error:
         return Rejection(source, line_number, record_id, error.kind, str(error), raw)
     return conversation
+
+
+def _has_lone_surrogate(record: object) -> bool:
+    """JSON may escape half of a UTF-16 pair alone; such a string cannot be encoded, so no
+    tokenizer can take it."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _record_id(record: dict, source: str, line_number: int) -> str:
@@ -136,6 +155,11 @@ def _conversation(
         raise BadRecord("no-messages", "no 'messages' or 'conversations' list")
     if not any(message["role"] == "assistant" for message in messages):
         raise BadRecord("no-assistant", "no assistant message")
+    if messages[0]["role"] == "assistant":
+        raise BadRecord(
+            "assistant-first",
+            "the chat starts with an assistant message: its turn has no prompt for the template to render",
+        )
     tools = record.get("tools")
     if tools is not None and not (
         isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)

@@ -4,7 +4,9 @@ wires them together and keeps the counts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -15,7 +17,7 @@ from onepass_prep.convert.checkpoint import Checkpoint, RunError, SyncPoint
 from onepass_prep.convert.pack import pack
 from onepass_prep.convert.render import Renderer
 from onepass_prep.convert.shards import ShardWriter, write_manifest
-from onepass_prep.convert.tokenizer import load_tokenizer
+from onepass_prep.convert.tokenizer import LoadedTokenizer, load_tokenizer
 from onepass_prep.convert.tree import Layout
 from onepass_prep.convert.work import Converted, ordered_results, read_batches
 from onepass_prep.format import FORMAT_NAME, FORMAT_VERSION, REJECTED
@@ -54,6 +56,7 @@ class ConvertSummary:
     reasoning_turns: int = 0  # trained turns given reasoning
     reasoning_dropped: int = 0  # of those, turns the template trains without it
     max_seq_len: int = 0
+    notes: list[str] = field(default_factory=list)  # things the user should hear of
 
     @property
     def token_saving(self) -> float:
@@ -70,15 +73,71 @@ class StrictError(ConvertError):
     """--strict met a record it could not convert."""
 
 
-def _fingerprint(options: ConvertOptions, inputs: list[Path], tokenizer_hash: str) -> dict:
-    """What must not change between an interrupted run and its resumption."""
+@dataclass
+class Input:
+    """An input file: where it is, what it is called in the output (its path relative to
+    the folder all inputs share, so output bytes do not depend on how a path was typed),
+    and its content hash (what --resume checks)."""
+
+    path: Path
+    name: str
+    bytes: int
+    sha256: str
+
+
+# The first bytes of files that are plainly not JSON Lines, and what they are.
+NOT_JSONL = {b"\x1f\x8b": "gzip-compressed data", b"\x28\xb5\x2f\xfd": "zstd-compressed data",
+             b"PAR1": "a Parquet file", b"PK\x03\x04": "a zip archive"}
+
+
+def _inputs(paths: list[Path]) -> list[Input]:
+    for path in paths:
+        if not path.exists():
+            raise ConvertError(f"input {path}: no such file")
+        if path.is_dir():
+            raise ConvertError(f"input {path}: is a directory, not a JSONL file")
+        if not path.is_file():
+            raise ConvertError(f"input {path}: not a regular file (a pipe or device); save it to a file first")
+        _check_looks_like_jsonl(path)
+    resolved = [path.resolve() for path in paths]
+    if len(set(resolved)) != len(resolved):
+        raise ConvertError("an input file is given twice")
+    base = Path(os.path.commonpath([path.parent for path in resolved]))
+    return [
+        Input(path, str(path.relative_to(base)), path.stat().st_size, _sha256(path)) for path in resolved
+    ]
+
+
+def _check_looks_like_jsonl(path: Path) -> None:
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    for magic, what in NOT_JSONL.items():
+        if head.startswith(magic):
+            raise ConvertError(f"input {path}: looks like {what}, not JSON Lines (one JSON object per line)")
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"["):
+        raise ConvertError(
+            f"input {path}: looks like a JSON array, not JSON Lines (one JSON object per line)"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(options: ConvertOptions, inputs: list[Input], tokenizer_hash: str) -> dict:
+    """What must not change between an interrupted run and its resumption: the inputs by
+    what they point to and what they hold, the options, the tokenizer."""
     values = _option_values(options)
     for free in ("overwrite", "resume", "num_proc", "strict"):
         values.pop(free)
-    stats = [path.stat() for path in inputs]
     return {
         "options": values,
-        "inputs": [[str(p), st.st_size, st.st_mtime_ns] for p, st in zip(inputs, stats, strict=True)],
+        "inputs": [[str(i.path), i.bytes, i.sha256] for i in inputs],
         "tokenizer": tokenizer_hash,
         "tool_version": __version__,
     }
@@ -91,31 +150,46 @@ def convert(
     progress: Callable[[int], None] = lambda _bytes: None,
 ) -> ConvertSummary:
     """Convert `inputs` into `out_dir`; `progress` is called with byte counts as lines finish."""
-    for path in inputs:
-        if not path.is_file():
-            raise ConvertError(f"input file {path} does not exist")
-    if len({path.resolve() for path in inputs}) != len(inputs):
-        raise ConvertError("an input file is given twice")
+    files = _inputs(inputs)
     template = options.chat_template.read_text(encoding="utf-8") if options.chat_template else None
-    loaded = load_tokenizer(options.model, template)
+    try:
+        loaded = load_tokenizer(options.model, template)
+    except (OSError, ValueError) as error:
+        raise ConvertError(str(error)) from None
     renderer = Renderer(loaded.tokenizer, options.think_tags, options.chat_template_kwargs)
     try:
         run = Checkpoint.start(
-            out_dir, _fingerprint(options, inputs, loaded.hash), options.overwrite, options.resume
+            out_dir, _fingerprint(options, files, loaded.hash), options.overwrite, options.resume
         )
     except RunError as error:
         raise ConvertError(str(error)) from None
-    summary = ConvertSummary(max_seq_len=options.max_seq_len)
+    try:
+        return _convert(files, out_dir, options, progress, loaded, renderer, run)
+    finally:
+        run.release()
+
+
+def _convert(
+    files: list[Input],
+    out_dir: Path,
+    options: ConvertOptions,
+    progress: Callable[[int], None],
+    loaded: LoadedTokenizer,
+    renderer: Renderer,
+    run: Checkpoint,
+) -> ConvertSummary:
+    summary = ConvertSummary(max_seq_len=options.max_seq_len, notes=run.notes)
     _restore_counts(summary, run.sync.counts)
     writer = ShardWriter(out_dir, options.rows_per_shard, run.shards, run.save)
-    file_index = {str(path): index for index, path in enumerate(inputs)}
+    file_index = {file.name: index for index, file in enumerate(files)}
     position = (run.sync.file, run.sync.line)
 
     with open(out_dir / REJECTED, "ab") as rejected:
 
         def converted() -> Iterator[tuple[str, Layout]]:
             nonlocal position
-            batches = read_batches(inputs, run.sync.file, run.sync.line, progress)
+            sources = [(file.path, file.name) for file in files]
+            batches = read_batches(sources, run.sync.file, run.sync.line, progress)
             work = ordered_results(
                 batches, renderer, options.model, options.think_tags, options.max_seq_len, options.num_proc
             )
@@ -131,7 +205,8 @@ def convert(
                         yield result.id, result.layout
                         continue
                     if options.strict:
-                        raise StrictError(f"{result.source}:{result.line}: {result.reason}")
+                        path = files[file_index[result.source]].path
+                        raise StrictError(f"{path}:{result.line}: {result.reason}")
                     summary.rejected += 1
                     summary.rejected_by_kind[result.kind] += 1
                     rejected.write((json.dumps(result.to_json(), ensure_ascii=False) + "\n").encode())
@@ -151,7 +226,7 @@ def convert(
     shards = writer.close()
     summary.shards = len(shards)
     reasoning_field = renderer.reasoning_field(options.chat_template_kwargs)
-    write_manifest(out_dir, _manifest(loaded, reasoning_field, options, inputs, shards, summary))
+    write_manifest(out_dir, _manifest(loaded, reasoning_field, options, files, shards, summary))
     run.finish()
     return summary
 
@@ -181,7 +256,10 @@ def _option_values(options: ConvertOptions) -> dict:
     return values
 
 
-def _manifest(loaded, reasoning_field, options, inputs, shards, summary: ConvertSummary) -> dict:
+def _manifest(
+    loaded: LoadedTokenizer, reasoning_field: str | None, options: ConvertOptions,
+    inputs: list[Input], shards: list[dict], summary: ConvertSummary,
+) -> dict:
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -193,7 +271,8 @@ def _manifest(loaded, reasoning_field, options, inputs, shards, summary: Convert
             "reasoning_field": reasoning_field,
         },
         "options": _option_values(options),
-        "inputs": [str(path) for path in inputs],
+        "input_base": str(Path(os.path.commonpath([file.path.parent for file in inputs]))),
+        "inputs": [{"name": file.name, "bytes": file.bytes, "sha256": file.sha256} for file in inputs],
         "shards": shards,
         "counts": {
             "read": summary.read,

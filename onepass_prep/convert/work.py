@@ -5,6 +5,9 @@ or on worker processes, always handing results back in input order."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -55,16 +58,26 @@ def convert_lines(
     lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
 ) -> list[Converted | Rejection]:
     """One result per non-blank line, in order: the unit of work of a worker process."""
-    return finish_lines(*render_lines(lines, renderer, think_tags), renderer, max_seq_len)
+    return finish_lines(*render_lines(lines, renderer, think_tags, max_seq_len), renderer, max_seq_len)
 
 
 def render_lines(
-    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str]
+    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
 ) -> tuple[Parsed, list[Rendered]]:
-    """The Python half of the work: parse and render."""
+    """The Python half of the work: parse and render. A conversation whose longest
+    sample cannot fit `max_seq_len` by a bound on its text is rejected here, before it is
+    tokenized (the one-pass layout holds every sample whole)."""
     parsed = [(parse_line(raw, source, number, think_tags), raw) for source, number, raw in lines]
     conversations = [record for record, _ in parsed if isinstance(record, Conversation)]
-    return parsed, renderer.render_many(conversations)
+    rendered = renderer.render_many(conversations)
+    for index, turns in enumerate(rendered):
+        if isinstance(turns, list):
+            fewest = max((renderer.encoder.fewest_tokens(turn.text) for turn in turns), default=0)
+            if fewest > max_seq_len:
+                rendered[index] = BadRecord(
+                    "too-long", f"at least {fewest} tokens in one sample exceed --max-seq-len {max_seq_len}"
+                )
+    return parsed, rendered
 
 
 def finish_lines(
@@ -102,9 +115,18 @@ _worker: dict = {}
 def _start_worker(
     model: str, chat_template: str | None, think_tags: tuple[str, str], template_kwargs: dict, max_seq_len: int
 ) -> None:
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     loaded = load_tokenizer(model, chat_template)
     renderer = Renderer(loaded.tokenizer, think_tags, template_kwargs)
     _worker.update(renderer=renderer, think_tags=think_tags, max_seq_len=max_seq_len)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker must not outlive its parent, however the parent ends (kill -9 included):
+    once it is gone, the worker is re-parented, and it exits."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _work(lines: list[Line]) -> list[Converted | Rejection]:
@@ -112,19 +134,20 @@ def _work(lines: list[Line]) -> list[Converted | Rejection]:
 
 
 def read_batches(
-    inputs: list[Path], first_file: int, first_line: int, skipped: Callable[[int], None]
+    inputs: list[tuple[Path, str]], first_file: int, first_line: int, skipped: Callable[[int], None]
 ) -> Iterator[list[Line]]:
-    """Lines in input order from (first_file, first_line), about a megabyte at a time."""
+    """Lines in input order from (first_file, first_line), about a megabyte at a time,
+    each with its file's name in the output."""
     batch: list[Line] = []
     size = 0
-    for index, path in enumerate(inputs[first_file:], start=first_file):
+    for index, (path, name) in enumerate(inputs[first_file:], start=first_file):
         start = first_line if index == first_file else 1
         with open(path, "rb") as handle:
             for line_number, raw in enumerate(handle, start=1):
                 if line_number < start:
                     skipped(len(raw))
                     continue
-                batch.append((str(path), line_number, raw))
+                batch.append((name, line_number, raw))
                 size += len(raw)
                 if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
                     yield batch
@@ -149,7 +172,7 @@ def ordered_results(
         with ThreadPoolExecutor(1) as second:
             previous: tuple[list[Line], Future[list[Converted | Rejection]]] | None = None
             for batch in batches:
-                rendered = render_lines(batch, renderer, think_tags)
+                rendered = render_lines(batch, renderer, think_tags, max_seq_len)
                 future = second.submit(finish_lines, *rendered, renderer, max_seq_len)
                 if previous:
                     yield previous[0], previous[1].result()

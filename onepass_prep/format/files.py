@@ -4,6 +4,8 @@ checks every reader makes before it trusts a shard."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +16,7 @@ FORMAT_VERSION = 1
 FORMAT_NAME = "onepass-prep"
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
+LOCK = ".onepass-prep.lock"  # held by a convert writing the folder: {"pid": .., "host": ..}
 IGNORE_INDEX = -100  # the label of a token that is not trained
 
 Source = str | Path | Sequence[str | Path]
@@ -41,8 +44,39 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def lock_holder(folder: Path) -> dict | None:
+    """Who holds the folder's lock ({"pid", "host", "alive"}), or None if it is free.
+    `alive` is False only when the holder is known to be gone (same host, no such
+    process); a lock from another host may be held."""
+    try:
+        holder = json.loads((folder / LOCK).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict):
+        holder = {}
+    pid, host = holder.get("pid"), holder.get("host")
+    alive = True
+    if host == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            pass  # a live process of another user
+    return {"pid": pid, "host": host, "alive": alive}
+
+
 def read_manifest(folder: Path) -> dict:
-    """The manifest of a finished run; a folder without one is an unfinished run."""
+    """The manifest of a finished run; a folder without one, or one a convert is writing
+    (it holds the lock), is not a finished run."""
+    holder = lock_holder(folder)
+    if holder is not None and holder["alive"]:
+        raise FormatError(
+            f"{folder}: a convert is writing this folder (pid {holder['pid']} on {holder['host']}); "
+            "read it when that run has finished"
+        )
     path = folder / MANIFEST
     if not path.is_file():
         raise FormatError(f"{folder}: no {MANIFEST}, so this is not a finished onepass-prep run")

@@ -13,6 +13,7 @@ from onepass_prep.convert.records import (
 )
 
 THINK = ("<think>", "</think>")
+USER = {"role": "user", "content": "q"}
 
 
 def parse(record) -> Conversation | Rejection:
@@ -118,19 +119,20 @@ def test_null_content_stays_null():
         ({"text": "hi"}, "no-messages"),
         ({"messages": "hi"}, "bad-messages"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "no-assistant"),
+        ({"messages": [{"role": "assistant", "content": "hi"}, USER, {"role": "assistant", "content": "a"}]}, "assistant-first"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown-role"),
         ({"conversations": [{"from": "bard", "value": "x"}]}, "unknown-role"),
-        ({"messages": [{"role": "assistant", "content": 5}]}, "non-string-content"),
-        ({"messages": [{"role": "assistant", "content": ["part"]}]}, "bad-content-part"),
-        ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": "x"}]}]}, "bad-content-part"),
+        ({"messages": [USER, {"role": "assistant", "content": 5}]}, "non-string-content"),
+        ({"messages": [USER, {"role": "assistant", "content": ["part"]}]}, "bad-content-part"),
+        ({"messages": [USER, {"role": "assistant", "content": [{"type": "image_url", "image_url": "x"}]}]}, "bad-content-part"),
         ({"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}]}, "bad-content-part"),
-        ({"messages": [{"role": "assistant", "content": [{"type": "text"}]}]}, "bad-content-part"),
-        ({"messages": [{"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "c"}]}, "bad-think-tags"),
-        ({"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "r"}], "reasoning": "c"}]}, "double-reasoning"),
-        ({"messages": [{"role": "assistant", "content": "a"}], "chat_template_kwargs": [1]}, "bad-template-kwargs"),
-        ({"messages": [{"role": "assistant", "content": "a"}], "chat_template_kwargs": {"tokenize": True}}, "bad-template-kwargs"),
-        ({"messages": [{"role": "assistant", "content": "a"}], "tools": "all"}, "bad-tools"),
-        ({"messages": [{"role": "assistant", "content": "a", "reasoning": "r", "thinking": "t"}]}, "double-reasoning"),
+        ({"messages": [USER, {"role": "assistant", "content": [{"type": "text"}]}]}, "bad-content-part"),
+        ({"messages": [USER, {"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "c"}]}, "bad-think-tags"),
+        ({"messages": [USER, {"role": "assistant", "content": [{"type": "thinking", "thinking": "r"}], "reasoning": "c"}]}, "double-reasoning"),
+        ({"messages": [USER, {"role": "assistant", "content": "a"}], "chat_template_kwargs": [1]}, "bad-template-kwargs"),
+        ({"messages": [USER, {"role": "assistant", "content": "a"}], "chat_template_kwargs": {"tokenize": True}}, "bad-template-kwargs"),
+        ({"messages": [USER, {"role": "assistant", "content": "a"}], "tools": "all"}, "bad-tools"),
+        ({"messages": [USER, {"role": "assistant", "content": "a", "reasoning": "r", "thinking": "t"}]}, "double-reasoning"),
     ],
 )
 def test_bad_records_are_rejected_with_a_kind_and_the_raw_line(record, kind):

@@ -66,7 +66,7 @@ def test_bad_records_are_rejected_with_file_line_and_reason(tmp_path):
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["kind"] for r in rejected] == [kind for _, kind in BAD_LINES]
     assert [r["line"] for r in rejected] == [3 * i + 2 for i in range(len(BAD_LINES))]
-    assert all(r["source"] == str(data) and r["reason"] for r in rejected)
+    assert all(r["source"] == data.name and r["reason"] for r in rejected)
     assert rejected[0]["raw"] == "{oops"
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["read"] == 2 * len(BAD_LINES) == counts["written"] + counts["rejected"]
