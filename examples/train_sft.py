@@ -1,5 +1,6 @@
 """Train on onepass-prep shards with TRL's SFTTrainer.
 
+    .venv/bin/pip install -e '.[examples]'      # once, after the README's set-up
     onepass-prep convert sample_data/chats.jsonl --model qwen --max-seq-len 2048 -o out/sample
     python examples/train_sft.py out/sample
 """
