@@ -103,7 +103,7 @@ def convert_command(
         raise typer.Exit(130) from None
     for note in summary.notes:
         console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-    console.print(summary_table(summary, out_dir))
+    console.print(summary_table(summary, out_dir, packed=pack))
     if summary.reasoning_dropped:
         console.print(f"[yellow]warning:[/yellow] {dropped_reasoning_warning(summary.reasoning_dropped, summary.reasoning_turns)}", highlight=False, soft_wrap=True)
     if summary.read and not summary.written:
@@ -136,7 +136,7 @@ def dropped_reasoning_warning(dropped: int, turns: int) -> str:
     )
 
 
-def summary_table(summary: ConvertSummary, out_dir: Path) -> Table:
+def summary_table(summary: ConvertSummary, out_dir: Path, packed: bool) -> Table:
     table = Table(title=f"onepass-prep → {out_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -150,7 +150,8 @@ def summary_table(summary: ConvertSummary, out_dir: Path) -> Table:
     table.add_row("tokens N-pass", f"{summary.n_pass_tokens:,}")
     table.add_row("saving", f"{summary.token_saving:.1%}")
     table.add_row("trained tokens", f"{summary.trained_tokens:,}")
-    table.add_row("fill rate", f"{summary.fill_rate:.1%}")
+    # Without packing a row is one conversation: its share of --max-seq-len says nothing.
+    table.add_row("fill rate", f"{summary.fill_rate:.1%}" if packed else "n/a (--no-pack)")
     table.add_row("turns with reasoning / trained without it", f"{summary.reasoning_turns:,} / {summary.reasoning_dropped:,}")
     if summary.rejected:
         table.caption = f"rejected records and reasons: {out_dir / 'rejected.jsonl'}"
