@@ -33,7 +33,7 @@ from onepass_prep.convert.tokenizer import load_tokenizer, qwen_tokenizer_dir  #
 from onepass_prep.convert.work import layout_conversation  # noqa: E402
 
 THINK = ("<think>", "</think>")
-SECTIONS = "conversion,packing,growth,training,memory"
+SECTIONS = "conversion,packing,growth,training,memory,hostile"
 
 
 def timed(function, repeats: int = 1) -> float:
@@ -269,6 +269,29 @@ def memory(counts: list[int]) -> list[dict]:
     return results
 
 
+def hostile(line_mb: int) -> dict:
+    """Peak RSS and time of a `convert` whose input holds one huge line among short chats:
+    it is rejected as too long from a bound on its text, before it is tokenized."""
+    with tempfile.TemporaryDirectory() as folder:
+        data = synth.write(Path(folder) / "d.jsonl", 200, seed=12, turns=2, scale=0.1)
+        huge = {"messages": [{"role": "user", "content": "word " * (line_mb * 200_000)},
+                             {"role": "assistant", "content": "ok"}]}
+        with open(data, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(huge) + "\n")
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, str(data), str(Path(folder) / "out")],
+            capture_output=True, text=True, check=True,
+        )
+        manifest = json.loads((Path(folder) / "out" / "manifest.json").read_text())
+        return {
+            "line_mb": line_mb,
+            "rejected_by_kind": manifest["counts"]["rejected_by_kind"],
+            "peak_rss_mb": int(out.stdout.split()[-1]) / 1024,
+            "seconds": time.perf_counter() - start,
+        }
+
+
 def packing(data: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
         summary = convert([data], Path(out), ConvertOptions(model="qwen", max_seq_len=32768))
@@ -317,6 +340,9 @@ def main() -> None:
     if "memory" in only:
         print("memory ...", flush=True)
         results["memory"] = memory([200, 400] if quick else [10_000, 100_000])
+    if "hostile" in only:
+        print("hostile ...", flush=True)
+        results["hostile"] = hostile(5 if quick else 50)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
 
@@ -340,6 +366,9 @@ def report(results: dict) -> str:
     ]
     for m in results["memory"]:
         lines.append(f"| convert peak RSS, {m['conversations']:,} chats ({m['input_mb']:.0f} MB in) | {m['peak_rss_mb']:.0f} MB | < 500 MB, flat |")
+    if "hostile" in results:
+        h = results["hostile"]
+        lines.append(f"| convert peak RSS / seconds, 200 chats and one {h['line_mb']} MB line (rejected too-long) | {h['peak_rss_mb']:.0f} MB / {h['seconds']:.1f} s | < 1.5 GB |")
     lines += [
         "",
         "| turns | tokens per chat, one-pass / N-pass | ratio | attention pairs per chat (millions), one-pass / N-pass | ratio |",

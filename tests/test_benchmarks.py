@@ -23,4 +23,5 @@ def test_benchmark_quick_run_reports_every_section(tmp_path):
     training = results["training_step"]
     assert training["one_pass_tokens"] < training["n_pass_tokens"]
     assert [m["conversations"] for m in results["memory"]] == [200, 400]
+    assert results["hostile"]["rejected_by_kind"] == {"too-long": 1}
     assert "| packing fill rate" in done.stdout
