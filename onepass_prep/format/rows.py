@@ -16,10 +16,9 @@ from onepass_prep.format.files import IGNORE_INDEX, FormatError
 from onepass_prep.format.structure import subtree_last
 
 
-def list_parts(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets (from 0) and flat values of a list array, zero-copy where Arrow allows."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
+def list_parts(array: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (from 0) and flat values of a list array (a slice keeps its parent's
+    offsets), zero-copy where Arrow allows."""
     offsets = array.offsets.to_numpy()
     values = array.values.to_numpy()[offsets[0] : offsets[-1]]
     return offsets - offsets[0], values
@@ -59,9 +58,8 @@ class _Checker:
             row = int(np.searchsorted(tok_off, token, side="right")) - 1
             raise FormatError(f"{self.path}: row {self.first_row + row}: token {token - tok_off[row]}: {what}")
 
-    def column(self, name: str) -> pa.Array:
-        column = self.batch.column(name)
-        return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    def column(self, name: str) -> pa.Array | pa.ChunkedArray:
+        return self.batch.column(name)  # null counts and numpy views work on either
 
     def run(self) -> None:
         n = self.batch.num_rows
@@ -137,7 +135,6 @@ def _nulls(array: pa.Array, n: int) -> np.ndarray:
 
 def _inner_nulls(array: pa.ListArray) -> np.ndarray:
     offsets = array.offsets.to_numpy()  # not list_parts: its values would not convert
-    offsets = offsets - offsets[0]
     flat = array.flatten().is_null().to_numpy(zero_copy_only=False)
     rows = np.repeat(np.arange(len(array)), np.diff(offsets))
     return _any_per_row(flat, rows, len(array))

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +22,7 @@ from transformers import Qwen3Config
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
-from onepass_prep.format import list_columns, list_parts, validate_batch
+from onepass_prep.format import LOCK, list_columns, list_parts, validate_batch
 from onepass_prep.torch import (
     FormatError,
     OnePassDataset,
@@ -203,3 +207,65 @@ def test_vocab_warning_for_a_model_that_cannot_embed_the_data(tmp_path: Path) ->
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_vocab_size(Qwen3Config(vocab_size=901), dataset)
+
+
+def test_list_parts_of_a_slice_are_its_own_rows() -> None:
+    array = pa.array([[1, 2], [3], [4, 5, 6], [7]], pa.list_(pa.int32())).slice(1, 2)
+    offsets, values = list_parts(array)
+    assert offsets.tolist() == [0, 1, 4] and values.tolist() == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "holder, refused",
+    [
+        ({"pid": "own", "host": "this"}, True),  # a live process here: being written
+        ({"pid": "dead", "host": "this"}, False),  # gone: a stale lock does not hide the run
+        ({"pid": 1, "host": "another-host"}, True),  # cannot be checked from here
+        ("not json", True),
+    ],
+    ids=["live", "dead", "other-host", "unreadable"],
+)
+def test_readers_refuse_a_folder_a_convert_is_writing(tmp_path: Path, holder, refused) -> None:
+    folder = run_with(tmp_path)
+    if isinstance(holder, dict):
+        if holder["pid"] == "own":
+            holder["pid"] = os.getpid()
+        elif holder["pid"] == "dead":
+            done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+            holder["pid"] = int(done.stdout)
+        if holder["host"] == "this":
+            holder["host"] = socket.gethostname()
+        (folder / LOCK).write_text(json.dumps(holder))
+    else:
+        (folder / LOCK).write_text(holder)
+    if not refused:
+        assert len(OnePassDataset(folder, cache_dir=tmp_path / "cache")) == 8
+        return
+    shown = f"(pid {holder['pid']} on {holder['host']})" if isinstance(holder, dict) else "(pid None on None)"
+    with pytest.raises(FormatError, match=re.escape(f"{folder}: a convert is writing this folder {shown}; read it when")):
+        OnePassDataset(folder, cache_dir=tmp_path / "cache")
+
+
+def test_missing_pieces_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match="^no shards given$"):
+        OnePassIterableDataset([])
+    folder = run_with(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"] = "all"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match=re.escape(f"{folder / 'manifest.json'}: 'shards' is not a list")):
+        OnePassIterableDataset(folder)
+    folder = run_with(tmp_path / "second")
+    (folder / "part-00001.parquet").unlink()
+    with pytest.raises(FormatError, match=re.escape(f"{folder / 'part-00001.parquet'}: listed in the manifest but missing")):
+        OnePassIterableDataset(folder)
+    (folder / "part-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(FormatError, match=re.escape(f"{folder / 'part-00001.parquet'}: not a readable Parquet file")):
+        OnePassIterableDataset(folder)
+    table = pq.read_table(folder / "part-00000.parquet").drop_columns(["labels"])
+    pq.write_table(table, folder / "part-00001.parquet")
+    with pytest.raises(FormatError, match=re.escape(f"{folder / 'part-00001.parquet'}: missing column 'labels'")):
+        OnePassIterableDataset(folder)
+    (folder / "manifest.json").write_text("{")
+    with pytest.raises(FormatError, match=re.escape(f"{folder / 'manifest.json'}: not JSON")):
+        OnePassIterableDataset(folder)
