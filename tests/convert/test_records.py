@@ -39,6 +39,7 @@ def test_inline_reasoning_is_kept_as_written():
         ("<think></think>a", ("", "a")),
         (" r </think>\n a", (" r ", " a")),
         ("no tags", None),
+        ("<think>\nXr X\n</think>\n\nXa", ("Xr X", "Xa")),  # only newlines are stripped
     ],
 )
 def test_inline_reasoning_splits_as_qwen3s_template_does(content, split):
@@ -47,7 +48,10 @@ def test_inline_reasoning_splits_as_qwen3s_template_does(content, split):
 
 @pytest.mark.parametrize(
     "content",
-    ["<think>never closed", "<think>a</think><think>b</think>c", "x</think>y<think>", "x<think>r</think>a"],
+    [
+        "<think>never closed", "<think>a</think><think>b</think>c", "x</think>y<think>", "x<think>r</think>a",
+        "<think><think>a</think>b", "<think>a</think>b</think>",
+    ],
 )
 def test_inline_reasoning_that_cannot_be_split_is_a_bad_record(content):
     with pytest.raises(BadRecord):
@@ -73,6 +77,8 @@ def test_content_parts_are_joined_and_reasoning_parts_held_apart():
     ]})
     assert [m["content"] for m in chat.messages] == ["ab", "xy"]
     assert chat.reasoning == [None, "r1r2"]
+    text_only = parse({"messages": [USER, {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]})
+    assert text_only.reasoning == [None, None]  # no reasoning parts: no reasoning, not ""
 
 
 def test_reasoning_fields_of_other_roles_pass_through():
@@ -118,6 +124,11 @@ def test_null_content_stays_null():
         (b"\xff\xfe{}", "not-utf8"),
         ({"text": "hi"}, "no-messages"),
         ({"messages": "hi"}, "bad-messages"),
+        ({"messages": []}, "bad-messages"),
+        ({"conversations": []}, "bad-messages"),
+        ({"messages": [USER, {"role": "assistant", "content": "a"}], "tools": [1]}, "bad-tools"),
+        ({"messages": [{"role": "user", "content": "q", "tool_calls": [{}]}, {"role": "assistant", "content": "a"}]}, "bad-tool-calls"),
+        ({"messages": [USER, {"role": "assistant", "content": "a", "tool_calls": [1]}]}, "bad-tool-calls"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "no-assistant"),
         ({"messages": [{"role": "assistant", "content": "hi"}, USER, {"role": "assistant", "content": "a"}]}, "assistant-first"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown-role"),
@@ -140,6 +151,19 @@ def test_bad_records_are_rejected_with_a_kind_and_the_raw_line(record, kind):
     assert isinstance(rejection, Rejection)
     assert (rejection.kind, rejection.source, rejection.line) == (kind, "chats.jsonl", 7)
     assert rejection.reason and rejection.raw
+
+
+def test_escaped_text_that_is_valid_unicode_is_read():
+    raw = b'{"messages": [{"role": "user", "content": "caf\\u00e9 \\ud83d\\ude00"}, {"role": "assistant", "content": "a"}]}'
+    chat = parse(raw)
+    assert isinstance(chat, Conversation) and chat.messages[0]["content"] == "caf\u00e9 \U0001f600"
+
+
+def test_a_rejection_keeps_the_line_without_its_newline_and_no_id_it_could_not_read():
+    for raw, kind in ((b"{not json\r\n", "invalid-json"), (b"\xff{}\n", "not-utf8")):
+        rejection = parse(raw)
+        assert rejection.kind == kind and rejection.id is None
+        assert rejection.raw == raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
 
 
 def test_blank_lines_are_skipped():
