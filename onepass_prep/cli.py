@@ -184,31 +184,43 @@ def _token_range(value: str, length: int) -> tuple[int, int]:
 def inspect_command(
     path: Path = typer.Argument(..., metavar="PATH", help="An output folder or one of its shards."),
     row: int = typer.Option(0, min=0, metavar="N", help="Row number within the run (or within the shard given)."),
-    tokens: str | None = typer.Option(None, metavar="START:END", help="START:END (e.g. 100:140): a table of these tokens instead of the tree and mask."),
-    png: Path | None = typer.Option(None, metavar="FILE", help="Also write the whole mask as a PNG picture."),
+    conversation: str | None = typer.Option(None, metavar="ID", help="One conversation of the row in full: its segment tree, and the mask over its own tokens."),
+    tokens: str | None = typer.Option(None, metavar="START:END", help="START:END (e.g. 100:140): a table of these tokens instead of the conversations, tree and mask."),
+    png: Path | None = typer.Option(None, metavar="FILE", help="Also write the whole row's mask as a PNG picture."),
     model: str | None = typer.Option(None, "--model", "-m", metavar="MODEL", help="Tokenizer to decode with, instead of the manifest's."),
 ) -> None:
-    """Show one row: its segment tree with roles and text, and its attention mask."""
+    """Show one row: its conversations (or the segment tree of a row of one) and its
+    attention mask, sized to fit the terminal; --conversation shows one in full."""
     from onepass_prep.format import FormatError
     from onepass_prep.inspection.runs import read_row
-    from onepass_prep.inspection.view import RowView, header, mask_text, segment_tree, token_table
+    from onepass_prep.inspection.view import (
+        NoSuchConversation,
+        RowView,
+        header,
+        layout,
+        screen_height,
+        token_table,
+    )
 
+    if tokens is not None and conversation is not None:
+        raise typer.BadParameter("--tokens and --conversation do not combine (START:END are row tokens)")
     out = Console()
     try:
         run, loaded = _open(path, model)
         view = RowView.build(read_row(run, run.first_row + row), loaded.tokenizer)
-        out.print(header(view, run.manifest.get("options", {}).get("max_seq_len")))
+        max_seq_len = run.manifest.get("options", {}).get("max_seq_len")
         if tokens is not None:
+            out.print(header(view, max_seq_len))
             out.print(token_table(view, *_token_range(tokens, len(view.row))))
         else:
-            out.print(segment_tree(view, out.width))
-            out.print(mask_text(view, out.width))
+            for part in layout(view, out.width, screen_height(out), max_seq_len, conversation):
+                out.print(part)
         if png is not None:
             from onepass_prep.inspection.picture import save_mask_picture
 
             width, height = save_mask_picture(view, png)
             out.print(f"wrote {png} ({width}x{height})")
-    except FormatError as error:
+    except (FormatError, NoSuchConversation) as error:
         _fail(error, 1, debug=False)
 
 
@@ -253,9 +265,9 @@ def verify_command(
     except FormatError as error:
         _fail(error, 1, debug=False)
     out.print(
-        f"{report.conversations:,} conversations ({report.rejected_skipped:,} rejected by the run, "
-        f"not checked), {report.samples:,} N-pass samples, {report.pairs:,} trained pairs; "
-        f"{report.rows:,} rows, {report.labelled:,} labelled tokens"
+        f"checked {report.conversations:,} conversations ({report.rejected_skipped:,} more that the run "
+        f"rejected have no rows to check), {report.samples:,} N-pass samples, {report.pairs:,} "
+        f"trained pairs; {report.rows:,} rows, {report.labelled:,} labelled tokens"
     )
     if report.partial:
         out.print("one shard of the run: only the conversations in its rows are checked")

@@ -1,13 +1,19 @@
-"""What `onepass-prep inspect` prints for one row: a header, the segment tree with each
-part's role and text, the attention mask drawn with block characters, or token detail."""
+"""What `onepass-prep inspect` prints for one row: a header, the row's conversations or
+the segment tree with each part's role and text, the attention mask drawn with block
+characters, or token detail. Every view fits the terminal's width; when the terminal's
+height is known, the mask is sized to fit it too (see `layout`)."""
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.cells import cell_len, set_cell_size
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -31,6 +37,17 @@ if TYPE_CHECKING:
 STYLES = {role: "rgb({},{},{})".format(*colour) for role, colour in ROLE_COLOURS.items()}
 SHADES = ((1.0, "█"), (2 / 3, "▓"), (1 / 3, "▒"), (0.0, "░"))
 AXIS = 8  # characters left of the drawn mask (query token labels)
+MASK_CHROME = 2  # lines of the drawn mask besides its cell rows and legend: title, ruler
+MIN_CELLS = 10  # fewer cell rows than this beside the rest: the mask gets a screen of its own
+GAP = "    "  # between the columns of the conversation list
+
+
+class NoSuchConversation(LookupError):
+    """`--conversation ID` names no conversation of the row."""
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 @dataclass
@@ -52,6 +69,44 @@ class RowView:
         assert isinstance(text, str)  # one sequence of ids
         return text
 
+    @cached_property
+    def conversations(self) -> list[Conversation]:
+        """The row's trees in row order, named by `conversation_ids` when the row holds one
+        root per id (as the converter writes it), else `tree K`."""
+        row = self.row
+        roots = np.flatnonzero(row.seg_parents < 0).tolist()
+        names = row.conversation_ids
+        if len(names) != len(roots):
+            names = [f"tree {k}" for k in range(len(roots))]
+        labelled = np.concatenate(([0], np.cumsum(row.labels != IGNORE_INDEX)))
+        run_starts = np.array([start for start, _ in row.trained_runs], np.int64)
+        ends = roots[1:] + [len(row.seg_lens)]
+        out = []
+        for name, root, end_segment, (start, end) in zip(names, roots, ends, row.trees, strict=True):
+            turns = int(np.searchsorted(run_starts, end) - np.searchsorted(run_starts, start))
+            trained = int(labelled[end] - labelled[start])
+            out.append(Conversation(name, range(root, end_segment), start, end, trained, turns))
+        return out
+
+    def conversation(self, name: str) -> Conversation:
+        for conversation in self.conversations:
+            if conversation.id == name:
+                return conversation
+        names = ", ".join(conversation.id for conversation in self.conversations)
+        raise NoSuchConversation(f"row {self.row.number} holds no conversation {name!r}; its conversations: {names}")
+
+
+@dataclass
+class Conversation:
+    """One tree of a row: its root segment and descendants, tokens [start, end)."""
+
+    id: str
+    segments: range  # the root segment and its descendants (pre-order keeps them together)
+    start: int
+    end: int
+    trained: int  # labelled tokens
+    turns: int  # trained runs
+
 
 def escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
@@ -66,14 +121,18 @@ def snippet(text: str, limit: int) -> str:
     return set_cell_size(text, limit - tail - 3) + " … " + set_cell_size(text[::-1], tail)[::-1]
 
 
-def header(view: RowView, max_seq_len: int | None) -> Text:
+def header(view: RowView, max_seq_len: int | None, list_ids: bool = True) -> Text:
+    """The row's place, counts and conversations (their ids unless `list_ids` is false, for
+    views that list them below)."""
     row = view.row
     trained = int((row.labels != IGNORE_INDEX).sum())
+    ids = row.conversation_ids
     out = Text()
     out.append(f"row {row.number}", style="bold")
     out.append(f"  ({row.file.name}, row {row.index})\n")
-    out.append(f"{len(row):,} tokens, {trained:,} trained, {len(row.seg_lens)} segments, ")
-    out.append(f"{len(row.trees)} trees, conversations: {', '.join(row.conversation_ids)}\n")
+    out.append(f"{plural(len(row), 'token')}, {trained:,} trained, {plural(len(row.seg_lens), 'segment')}, ")
+    out.append(f"{plural(len(row.trees), 'tree')}, {plural(len(ids), 'conversation')}")
+    out.append(f": {', '.join(ids)}\n" if list_ids and ids else "\n")
     if max_seq_len:
         out.append(
             f"no padding stored (FORMAT v1); padding to max_seq_len {max_seq_len:,} "
@@ -83,19 +142,23 @@ def header(view: RowView, max_seq_len: int | None) -> Text:
     return out
 
 
-def segment_tree(view: RowView, width: int) -> Tree:
+def segment_tree(view: RowView, width: int, conversation: Conversation | None = None) -> Tree:
     """Segments nested as in `seg_parents`, each with its parts in role colours; text
-    snippets are cut to fit `width`."""
+    snippets are cut to fit `width`. All of the row's, or one conversation's."""
     row = view.row
     by_segment: dict[int, list[Part]] = {}
     for part in view.parts:
         by_segment.setdefault(part.segment, []).append(part)
     roots = np.flatnonzero(row.seg_parents < 0).tolist()
     owners = row.conversation_ids if len(roots) == len(row.conversation_ids) else None
-    tree = Tree(Text(f"row {row.number}: segments (tokens and positions are inclusive)"))
+    title = f"row {row.number}"
+    if conversation is not None:
+        title += f", conversation {conversation.id}"
+    tree = Tree(Text(f"{title}: segments (tokens and positions are inclusive)"))
     nodes: dict[int, Tree] = {}
     depths: dict[int, int] = {}
-    for segment in range(len(row.seg_lens)):
+    shown = range(len(row.seg_lens)) if conversation is None else conversation.segments
+    for segment in shown:
         parent = int(row.seg_parents[segment])
         start = int(row.seg_starts[segment])
         end = start + int(row.seg_lens[segment])
@@ -118,23 +181,83 @@ def segment_tree(view: RowView, width: int) -> Tree:
     return tree
 
 
-def mask_text(view: RowView, width: int) -> Text:
-    """The mask downsampled to the width: two characters per cell of b x b tokens, shaded
-    by the share of visible pairs among those causality allows, coloured by key role."""
-    row = view.row
-    cells = max(1, min(len(row), (width - AXIS) // 2))
-    grid = mask_grid(row, view.parts, cells)
+def conversation_list(
+    view: RowView, width: int, max_lines: int | None = None, only: list[Conversation] | None = None
+) -> Text:
+    """One line per conversation (`only`: those given, else all of the row's): id, token
+    range (inclusive), segments, trained tokens, turns (trained runs). Side by side in
+    columns, read down, as many as `width` holds; cut to `max_lines` with a last line
+    saying how many more there are."""
+    conversations = view.conversations if only is None else only
+    heads = ("conversation", "tokens", "segs", "trained", "turns")
+    cells = [
+        (c.id, f"{c.start}..{c.end - 1}", str(len(c.segments)), f"{c.trained:,}", str(c.turns))
+        for c in conversations
+    ]
+    sizes = [max([cell_len(head)] + [cell_len(line[k]) for line in cells]) for k, head in enumerate(heads)]
+    rest = sum(sizes[1:]) + 2 * (len(sizes) - 1)
+    sizes[0] = min(sizes[0], max(len(heads[0]), width - rest))  # a long id is cut, not wrapped
+    entry = sizes[0] + 2 + rest
+    columns = max(1, min(len(cells), (width + len(GAP)) // (entry + len(GAP))))
+    lines = -(-len(cells) // columns)
+    hidden = 0
+    if max_lines is not None and lines + 1 > max_lines:
+        lines = max(0, max_lines - 2)  # the heading, the lines, "… more"
+        hidden = len(cells) - lines * columns
+        cells = cells[: lines * columns]
+    columns = max(1, -(-len(cells) // lines)) if lines else 1
+
+    def field(k: int, value: str) -> str:
+        if k == 0:
+            return set_cell_size(value, sizes[0]) if cell_len(value) > sizes[0] else value.ljust(sizes[0])
+        return value.ljust(sizes[k]) if k == 1 else value.rjust(sizes[k])
+
+    out = Text()
+    heading = "  ".join(field(k, head) for k, head in enumerate(heads))
+    if lines:
+        out.append(GAP.join([heading] * columns).rstrip() + "\n", style="dim")
+    for line in range(lines):
+        for column in range(columns):
+            index = column * lines + line
+            if index >= len(cells):
+                break
+            if column:
+                out.append(GAP)
+            values = cells[index]
+            out.append(field(0, values[0]), style="bold")
+            out.append("  " + "  ".join(field(k, value) for k, value in enumerate(values) if k))
+        out.append("\n")
+    if hidden:
+        more = f"… and {hidden:,} more" if lines else "conversations"
+        out.append(f"{more}: a taller terminal lists them all, --conversation ID shows one\n", style="dim")
+    return out
+
+
+def mask_text(
+    view: RowView, width: int, max_cells: int | None = None, conversation: Conversation | None = None
+) -> Text:
+    """The mask downsampled to the width (and to at most `max_cells` cell rows): two
+    characters per cell of b x b tokens, shaded by the share of visible pairs among those
+    causality allows, coloured by key role. The whole row's, or one conversation's: its
+    tokens see no other tree's, so its mask is the row's over its own token range."""
+    row, parts, offset = view.row, view.parts, 0
+    title = "attention mask"
+    if conversation is not None:
+        row, parts, offset = _sub_row(view, conversation), _sub_parts(view, conversation), conversation.start
+        title += f" of {conversation.id} (tokens {conversation.start}..{conversation.end - 1})"
+    cells = max(1, min(len(row), (width - AXIS) // 2, max_cells or len(row)))
+    grid = mask_grid(row, parts, cells)
     count = len(grid.edges) - 1
     fraction, role = grid.fraction, grid.role
     out = Text()
-    out.append(f"attention mask: query ↓, key →, 1 cell = {grid.block}x{grid.block} tokens\n")
+    out.append(f"{title}: query ↓, key →, 1 cell = {grid.block}x{grid.block} tokens\n")
     ruler = [" "] * (AXIS + 2 * count)
     for column in range(0, count, 10):
-        label = str(grid.edges[column])
+        label = str(offset + grid.edges[column])
         ruler[AXIS + 2 * column : AXIS + 2 * column + len(label)] = label
     out.append("".join(ruler).rstrip() + "\n", style="dim")
     for line in range(count):
-        out.append(f"{grid.edges[line]:>{AXIS - 1}} ", style="dim")
+        out.append(f"{offset + grid.edges[line]:>{AXIS - 1}} ", style="dim")
         for column in range(line + 1):
             if grid.causal[line, column] == 0:
                 out.append("  ")
@@ -154,8 +277,98 @@ def legend() -> Text:
         out.append("██", style=STYLES[role])
         out.append(f" {ROLE_NAMES[role]}   ")
     out.append("\n· masked (causal but not visible)   blank: key after query\n")
-    out.append("█ all, ▓ ≥ 2/3, ▒ ≥ 1/3, ░ some of a cell's causal pairs are visible\n")
+    out.append("█ all, ▓ ≥ 2/3, ▒ ≥ 1/3, ░ some of a cell's causal pairs are visible")
     return out
+
+
+def _sub_row(view: RowView, conversation: Conversation) -> ShardRow:
+    """The row cut to one conversation's tree: segments renumbered from its root, tokens
+    from its first. Enough for `mask_grid`, which reads only lengths and the tree."""
+    row, first = view.row, conversation.segments.start
+    segments = slice(first, conversation.segments.stop)
+    tokens = slice(conversation.start, conversation.end)
+    parents = row.seg_parents[segments].copy()
+    parents[parents >= 0] -= first
+    return ShardRow(
+        row.file, row.index, row.number, row.input_ids[tokens], row.position_ids[tokens],
+        row.labels[tokens], row.seg_lens[segments], parents, [conversation.id],
+        num_tokens=conversation.end - conversation.start, num_trained_tokens=conversation.trained,
+        n_pass_tokens=0,  # not known per conversation, and not drawn
+    )
+
+
+def _sub_parts(view: RowView, conversation: Conversation) -> list[Part]:
+    first, start = conversation.segments.start, conversation.start
+    return [
+        Part(part.segment - first, part.start - start, part.end - start, part.role)
+        for part in view.parts
+        if part.segment in conversation.segments
+    ]
+
+
+def screen_height(console: Console) -> int | None:
+    """The height to fit: LINES if set (`LINES=40 onepass-prep inspect ... | less`), else
+    the terminal's when the output goes to one. Else None: nothing is cut. (Not rich's
+    `is_terminal`, which FORCE_COLOR turns on for a pipe.)"""
+    if os.environ.get("LINES", "").isdigit():
+        return int(os.environ["LINES"])
+    try:
+        tty = console.file.isatty()
+    except (AttributeError, ValueError):  # no such method, or closed
+        tty = False
+    return console.height if tty else None
+
+
+def count_lines(renderable: RenderableType, width: int) -> int:
+    """Lines `renderable` takes when printed at `width`."""
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    return len(console.render_lines(renderable, console.options, pad=False))
+
+
+def mask_rows(height: int | None, above: int, width: int) -> int | None:
+    """Most cell rows for a mask printed below `above` lines, so that the output and the
+    shell's next prompt fit `height` lines; when fewer than MIN_CELLS would fit, as many as
+    fit a screen on their own (the lines above scroll away)."""
+    if height is None:
+        return None
+    own = height - 1 - MASK_CHROME - count_lines(legend(), width)
+    return max(1, own - above if own - above >= MIN_CELLS else own)
+
+
+def layout(
+    view: RowView, width: int, height: int | None, max_seq_len: int | None, conversation: str | None = None
+) -> list[RenderableType]:
+    """What `inspect` prints without --tokens, in order.
+
+    - a row of several conversations: the header, one line per conversation, the mask, all
+      of it within `height` (the list is cut if need be, to leave MIN_CELLS cell rows);
+    - a row of one conversation, or `conversation` (an id): the header, the whole segment
+      tree of the row or of that conversation, then its mask, within `height` too if the
+      tree leaves room for MIN_CELLS cell rows, else on a screen of its own.
+    """
+    if conversation is not None:
+        chosen = view.conversation(conversation)  # NoSuchConversation before anything prints
+        top: list[RenderableType] = [
+            header(view, max_seq_len, list_ids=False),
+            conversation_list(view, width, only=[chosen]),
+            segment_tree(view, width, chosen),
+        ]
+        above = sum(count_lines(part, width) for part in top)
+        return [*top, mask_text(view, width, mask_rows(height, above, width), chosen)]
+    if len(view.conversations) <= 1:
+        top = [header(view, max_seq_len), segment_tree(view, width)]
+        above = sum(count_lines(part, width) for part in top)
+        return [*top, mask_text(view, width, mask_rows(height, above, width))]
+    head = header(view, max_seq_len, list_ids=False)
+    listed = conversation_list(view, width)
+    if height is not None:  # cut the list to leave MIN_CELLS cell rows
+        room = height - 1 - count_lines(head, width) - MASK_CHROME - MIN_CELLS - count_lines(legend(), width)
+        cut = max(1, room)  # fewer while the list (wrapped lines, blank line) is taller
+        while cut > 0 and count_lines(listed, width) > room:
+            listed = conversation_list(view, width, max_lines=cut)
+            cut -= 1
+    above = count_lines(head, width) + count_lines(listed, width)
+    return [head, listed, mask_text(view, width, mask_rows(height, above, width))]
 
 
 def token_table(view: RowView, start: int, end: int) -> Table:

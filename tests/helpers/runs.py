@@ -20,7 +20,7 @@ runner = CliRunner()
 
 def cli(*args, columns: int = 100):
     """Run the real command line with a fixed terminal width."""
-    return runner.invoke(app, [str(arg) for arg in args], env={"COLUMNS": str(columns)})
+    return runner.invoke(app, [str(arg) for arg in args], env={"COLUMNS": str(columns), "LINES": None})
 
 
 @functools.cache

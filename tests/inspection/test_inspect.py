@@ -70,7 +70,7 @@ def test_tree_shows_segments_roles_ranges_and_text():
     result = cli("inspect", out, "--row", number)
     assert result.exit_code == 0, result.output
     text = result.output
-    assert "conversations: tools-001" in text
+    assert "1 conversation: tools-001" in text
     # Every expected range below comes from the Parquet row, not from inspect.
     row = rows(out)[number]
     assert row["mask_spec"]["seg_parents"] == [-1, 0, 0]  # a root with two branches

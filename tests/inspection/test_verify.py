@@ -77,8 +77,8 @@ def test_verify_passes_on_real_output():
     pairs = sum(len(ids) - start for ids, start in samples)
     table = rows(out)
     assert labelled(table) == pairs  # what the OK line below claims, counted here
-    assert (f"{len(conversations):,} conversations (0 rejected by the run, not checked), "
-            f"{len(samples):,} N-pass samples, {pairs:,} trained pairs; "
+    assert (f"checked {len(conversations):,} conversations (0 more that the run rejected have no rows "
+            f"to check), {len(samples):,} N-pass samples, {pairs:,} trained pairs; "
             f"{len(table):,} rows, {labelled(table):,} labelled tokens") in result.output.replace("\n", "")
     assert "OK: every trained pair appears exactly once" in result.output
 
@@ -87,7 +87,7 @@ def test_verify_skips_what_the_run_rejected():
     result = verify(converted("max-700", "--max-seq-len", "700"))
     assert result.exit_code == 0, result.output
     rejected = len((converted("max-700", "--max-seq-len", "700") / "rejected.jsonl").read_text().splitlines())
-    assert f"({rejected} rejected by the run, not checked)" in result.output
+    assert f"({rejected} more that the run rejected have no rows to check)" in result.output.replace("\n", " ")
 
 
 def test_model_check_compares_losses(tmp_path):
@@ -219,8 +219,8 @@ def test_verify_one_shard_checks_its_conversations():
     table = pq.read_table(out / "part-00001.parquet").to_pylist()
     conversations = {c for row in table for c in row["conversation_ids"]}
     samples = [s for c in conversations for s in source_samples(SAMPLE)[c]]
-    assert (f"{len(conversations):,} conversations (0 rejected by the run, not checked), "
-            f"{len(samples):,} N-pass samples, {sum(len(i) - t for i, t in samples):,} trained pairs; "
+    assert (f"checked {len(conversations):,} conversations (0 more that the run rejected have no rows "
+            f"to check), {len(samples):,} N-pass samples, {sum(len(i) - t for i, t in samples):,} trained pairs; "
             f"{len(table):,} rows, {labelled(table):,} labelled tokens") in result.output.replace("\n", "")
     assert "one shard of the run: only the conversations in its rows are checked" in result.output
 
