@@ -144,9 +144,6 @@ class Renderer:
         self.encoder = PieceEncoder(tokenizer.backend_tokenizer)
         self._fields: dict[str, str | None] = {}
 
-    def kwargs_for(self, conversation: Conversation) -> dict:
-        return {**self.template_kwargs, **conversation.template_kwargs}
-
     def reasoning_field(self, kwargs: dict) -> str | None:
         """The reasoning field the template renders in the turn being trained, found by
         rendering a probe conversation per candidate name (once per set of kwargs)."""
@@ -172,7 +169,7 @@ class Renderer:
 
     def template_input(self, conversation: Conversation) -> tuple[list[dict], list[str | None], dict]:
         """(messages before the null fallback, each message's reasoning, kwargs)."""
-        kwargs = self.kwargs_for(conversation)
+        kwargs = {**self.template_kwargs, **conversation.template_kwargs}
         field = self.reasoning_field(kwargs)
         messages, reasoning = template_messages(conversation, field, self.think_tags)
         return messages, reasoning, kwargs
