@@ -98,6 +98,9 @@ def run_group(name: str, modules: list[str], tests: list[str]) -> dict:
                 f"only_mutate = {json.dumps(modules)}\n"
                 f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
                 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+                # mutmut's default (30x the tests' time) let a few slow mutants of
+                # pack.join hold both cores for over ten minutes each; 4x is plenty.
+                "timeout_multiplier = 2.0\n"
             )
         log = ROOT / "benchmarks" / f"mutation-{name}.log"
         with open(log, "w", encoding="utf-8") as out:
