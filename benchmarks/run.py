@@ -30,7 +30,7 @@ from onepass_prep.convert import ConvertOptions, convert  # noqa: E402
 from onepass_prep.convert.records import Conversation, read_jsonl  # noqa: E402
 from onepass_prep.convert.render import Renderer  # noqa: E402
 from onepass_prep.convert.tokenizer import load_tokenizer, qwen_tokenizer_dir  # noqa: E402
-from onepass_prep.convert.work import layout_conversation  # noqa: E402
+from onepass_prep.convert.work import Rules, layout_conversation  # noqa: E402
 
 THINK = ("<think>", "</think>")
 SECTIONS = "conversion,packing,growth,training,memory,hostile"
@@ -139,7 +139,7 @@ def growth(per_turn_count: int, max_turns: int) -> list[dict]:
             data = synth.write(Path(folder) / "d.jsonl", per_turn_count, seed=100 + turns, turns=turns)
             for chat in read_jsonl(data, THINK):
                 samples = renderer.samples(chat)
-                layout = layout_conversation(chat, renderer, max_seq_len=1 << 30)
+                layout = layout_conversation(chat, renderer, Rules(THINK, 1 << 30))
                 one_tokens += len(layout)
                 one_pairs += int((layout.position_ids.astype(np.int64) + 1).sum())
                 lengths = np.array([len(s.input_ids) for s in samples], np.int64)
@@ -174,7 +174,7 @@ def training_step(count: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         data = synth.write(Path(folder) / "d.jsonl", count, seed=7, turns=3, scale=0.25)
         for chat in read_jsonl(data, THINK):
-            layout = layout_conversation(chat, renderer, max_seq_len=1 << 30)
+            layout = layout_conversation(chat, renderer, Rules(THINK, 1 << 30))
             rows.append({
                 "input_ids": layout.input_ids, "labels": layout.labels, "position_ids": layout.position_ids,
                 "mask_spec": {"seg_lens": layout.seg_lens, "seg_parents": layout.seg_parents},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from onepass_prep.convert import ConvertError, ConvertOptions, ConvertSummary, StrictError, convert
 from onepass_prep.convert.records import RESERVED_TEMPLATE_ARGUMENTS
+from onepass_prep.format import NORMALIZATIONS, TRAIN_ON
 
 app = typer.Typer(
     help="Exact one-pass training data for multi-turn reasoning chats.",
@@ -51,6 +53,15 @@ def _template_kwargs(value: str | None) -> dict:
     return kwargs
 
 
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
 @app.command("convert")
 def convert_command(
     inputs: list[Path] = typer.Argument(..., metavar="INPUT", help="Chat JSONL files (OpenAI messages or ShareGPT)."),
@@ -60,6 +71,8 @@ def convert_command(
     think_tags: str = typer.Option("<think>,</think>", metavar="OPEN,CLOSE", help="Tags around inline reasoning: OPEN,CLOSE."),
     chat_template_kwargs: str | None = typer.Option(None, metavar="JSON", help="JSON object passed to every rendering, e.g. '{\"enable_thinking\": true}'; a record's own chat_template_kwargs go over it."),
     max_seq_len: int = typer.Option(32768, min=2, metavar="N", help="Longest row; longer conversations are rejected."),
+    train_on: str = typer.Option("all", metavar="|".join(TRAIN_ON), callback=_one_of(TRAIN_ON), help="Train every assistant message ('all', each as given weights say) or only each conversation's last one."),
+    loss_normalization: str = typer.Option("token", metavar="|".join(NORMALIZATIONS), callback=_one_of(NORMALIZATIONS), help="Average the loss over trained tokens, over turns (each N-pass sample's token mean) or over conversations."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack several conversations into a row."),
     rows_per_shard: int = typer.Option(1000, min=1, metavar="N", help="Rows per Parquet shard."),
     num_proc: int = typer.Option(1, min=1, metavar="N", help="Worker processes; the output does not depend on it."),
@@ -81,6 +94,8 @@ def convert_command(
         think_tags=_think_tags(think_tags),
         chat_template_kwargs=_template_kwargs(chat_template_kwargs),
         max_seq_len=max_seq_len,
+        train_on=train_on,
+        loss_normalization=loss_normalization,
         pack=pack,
         rows_per_shard=rows_per_shard,
         num_proc=num_proc,

@@ -32,6 +32,8 @@ class Row:
     conversation_ids: list[str]
     n_pass_tokens: int
     num_trained: int  # labels that are not -100
+    loss_weights: np.ndarray
+    loss_units: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -54,6 +56,8 @@ def join(items: list[tuple[str, Layout]]) -> Row:
         [conversation_id for conversation_id, _ in items],
         sum(layout.n_pass_tokens for layout in layouts),
         int(np.count_nonzero(labels != IGNORE_INDEX)),
+        np.concatenate([layout.loss_weights for layout in layouts]),
+        sum(layout.loss_units for layout in layouts),
     )
 
 

@@ -24,6 +24,7 @@ SHAREGPT_ROLES = {
 }
 OPENAI_ROLES = {"system", "user", "assistant", "tool"}
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # names datasets and templates use
+WEIGHT_FIELDS = ("weight", "loss_weight", "train")  # training metadata, not shown to the template
 CONTENT_PART_TYPES = {"text", "reasoning", "thinking"}
 UTF8_BOM = b"\xef\xbb\xbf"  # accepted at the start of a file
 # apply_chat_template's own arguments: template kwargs may not set them.
@@ -41,12 +42,13 @@ class Conversation:
     puts it where the template reads it (docs/input.md)."""
 
     id: str
-    messages: list[dict]  # without reasoning fields; `content` a string or None
+    messages: list[dict]  # without reasoning and weight fields; `content` a string or None
     reasoning: list[str | None]
     tools: list[dict] | None
     template_kwargs: dict  # the record's own `chat_template_kwargs`
     source: str
     line: int
+    weights: list[float]  # each message's loss weight; 0 for context (every non-assistant)
 
 
 @dataclass
@@ -77,19 +79,22 @@ class BadRecord(ValueError):
         self.kind = kind
 
 
-def read_jsonl(path: Path, think_tags: tuple[str, str]) -> Iterator[Conversation | Rejection]:
+def read_jsonl(
+    path: Path, think_tags: tuple[str, str], train_on: str = "all"
+) -> Iterator[Conversation | Rejection]:
     """Yield one result per non-empty line of `path`, in order."""
     with open(path, "rb") as handle:
         for line_number, raw_bytes in enumerate(handle, start=1):
-            result = parse_line(raw_bytes, str(path), line_number, think_tags)
+            result = parse_line(raw_bytes, str(path), line_number, think_tags, train_on)
             if result is not None:
                 yield result
 
 
 def parse_line(
-    raw_bytes: bytes, source: str, line_number: int, think_tags: tuple[str, str]
+    raw_bytes: bytes, source: str, line_number: int, think_tags: tuple[str, str], train_on: str = "all"
 ) -> Conversation | Rejection | None:
-    """Parse one JSONL line; `None` for a blank line."""
+    """Parse one JSONL line; `None` for a blank line. With `train_on` "last", only the
+    final assistant message keeps its weight."""
     if line_number == 1 and raw_bytes.startswith(UTF8_BOM):
         raw_bytes = raw_bytes[len(UTF8_BOM) :]
     try:
@@ -121,6 +126,9 @@ def parse_line(
             )
         record_id = _record_id(record, source, line_number)
         conversation = _conversation(record, record_id, source, line_number, think_tags)
+        if train_on == "last":
+            last = max(i for i, message in enumerate(conversation.messages) if message["role"] == "assistant")
+            conversation.weights = [w if i == last else 0.0 for i, w in enumerate(conversation.weights)]
     except BadRecord as error:
         return Rejection(source, line_number, record_id, error.kind, str(error), raw)
     return conversation
@@ -153,6 +161,7 @@ def _conversation(
         reasoning = [None] * len(messages)
     else:
         raise BadRecord("no-messages", "no 'messages' or 'conversations' list")
+    weights = [_weight(message, index) for index, message in enumerate(messages)]
     if not any(message["role"] == "assistant" for message in messages):
         raise BadRecord("no-assistant", "no assistant message")
     if messages[0]["role"] == "assistant":
@@ -179,8 +188,33 @@ def _conversation(
                 "bad-think-tags", f"message {index} has reasoning apart and think tags in content"
             )
     return Conversation(
-        record_id, messages, reasoning, tools or None, template_kwargs, source, line_number
+        record_id, messages, reasoning, tools or None, template_kwargs, source, line_number, weights
     )
+
+
+def _weight(message: dict, index: int) -> float:
+    """A message's loss weight, taken out of the message: `weight` or `loss_weight` (a
+    number >= 0) or `train` (true or false); an assistant message weighs 1 unless told,
+    any other message 0 (it is never trained, so it may not ask to be)."""
+    given = [name for name in WEIGHT_FIELDS if message.get(name) is not None]
+    values = [message.pop(name, None) for name in WEIGHT_FIELDS]
+    role = message["role"]
+    if len(given) > 1:
+        raise BadRecord("bad-weight", f"message {index} has both {given[0]} and {given[1]}")
+    if not given:
+        return 1.0 if role == "assistant" else 0.0
+    value = next(value for value in values if value is not None)
+    if given[0] == "train":
+        if not isinstance(value, bool):
+            raise BadRecord("bad-weight", f"message {index} 'train' is {value!r}, not true or false")
+        weight = float(value)
+    elif isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise BadRecord("bad-weight", f"message {index} '{given[0]}' is {value!r}, not a number >= 0")
+    else:
+        weight = float(value)
+    if weight > 0 and role != "assistant":
+        raise BadRecord("bad-weight", f"message {index} ({role}) has weight {value!r}; only assistant messages train")
+    return weight
 
 
 def _openai_messages(value: object) -> tuple[list[dict], list[str | None]]:
@@ -261,7 +295,8 @@ def _sharegpt_messages(value: object) -> list[dict]:
             raise BadRecord(
                 "non-string-content", f"turn {index} ({turn.get('from')}) value is not a string"
             )
-        messages.append({"role": role, "content": turn["value"]})
+        weight = {name: turn[name] for name in WEIGHT_FIELDS if name in turn}
+        messages.append({"role": role, "content": turn["value"], **weight})
     return messages
 
 

@@ -39,10 +39,15 @@ class Sample:
     input_ids: np.ndarray  # int32, the full rendered sequence of one N-pass sample
     train_start: int  # first trained position; positions before it are context
     reasoning: Reasoning = "none"
+    weight: float = 1.0  # the message's loss weight (docs/input.md)
 
     @property
     def num_trained(self) -> int:
         return max(0, len(self.input_ids) - self.train_start)
+
+    @property
+    def is_trained(self) -> bool:
+        return self.num_trained > 0 and self.weight > 0
 
 
 @dataclass
@@ -50,6 +55,7 @@ class RenderedTurn:
     prompt: str  # messages[:i] with the generation prompt
     text: str  # messages[:i+1]
     reasoning: Reasoning
+    weight: float
 
 
 def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -175,8 +181,8 @@ class Renderer:
         return messages, reasoning, kwargs
 
     def render_turns(self, conversation: Conversation) -> list[RenderedTurn]:
-        """The prompt and sample texts of each assistant message, in order, each with
-        whether its reasoning made it into its trained text."""
+        """The prompt and sample texts of each trained assistant message (weight > 0), in
+        order, each with whether its reasoning made it into its trained text."""
         messages, reasoning, kwargs = self.template_input(conversation)
 
         def render(messages: list[dict]) -> list[tuple[int, str, str]]:
@@ -187,11 +193,11 @@ class Renderer:
                     self._apply(messages[: index + 1], conversation.tools, False, kwargs),
                 )
                 for index, message in enumerate(messages)
-                if message["role"] == "assistant"
+                if message["role"] == "assistant" and conversation.weights[index] > 0
             ]
 
         return [
-            RenderedTurn(prompt, text, _audit(reasoning[index], prompt, text))
+            RenderedTurn(prompt, text, _audit(reasoning[index], prompt, text), conversation.weights[index])
             for index, prompt, text in with_null_fallback(render, messages)
         ]
 
@@ -233,7 +239,7 @@ class Renderer:
             for turn in turns:
                 prompt_ids, sample_ids = next(ids), next(ids)
                 start = max(1, common_prefix_length(prompt_ids, sample_ids))
-                samples.append(Sample(sample_ids, start, turn.reasoning))
+                samples.append(Sample(sample_ids, start, turn.reasoning, turn.weight))
             results.append(samples)
         return results
 

@@ -19,8 +19,8 @@ from onepass_prep.convert.render import Renderer
 from onepass_prep.convert.shards import ShardWriter, write_manifest
 from onepass_prep.convert.tokenizer import LoadedTokenizer, load_tokenizer
 from onepass_prep.convert.tree import Layout
-from onepass_prep.convert.work import Converted, ordered_results, read_batches
-from onepass_prep.format import FORMAT_NAME, FORMAT_VERSION, REJECTED
+from onepass_prep.convert.work import Converted, Rules, ordered_results, read_batches
+from onepass_prep.format import FORMAT_NAME, FORMAT_VERSION, NORMALIZATIONS, REJECTED, TRAIN_ON
 
 
 class ConvertError(Exception):
@@ -34,6 +34,8 @@ class ConvertOptions:
     think_tags: tuple[str, str] = ("<think>", "</think>")
     chat_template_kwargs: dict = field(default_factory=dict)
     max_seq_len: int = 32768
+    train_on: str = "all"  # or "last"
+    loss_normalization: str = "token"  # or "turn", "conversation" (docs/FORMAT.md, "Loss")
     pack: bool = True
     rows_per_shard: int = 1000
     num_proc: int = 1
@@ -150,6 +152,12 @@ def convert(
     progress: Callable[[int], None] = lambda _bytes: None,
 ) -> ConvertSummary:
     """Convert `inputs` into `out_dir`; `progress` is called with byte counts as lines finish."""
+    if options.train_on not in TRAIN_ON:
+        raise ConvertError(f"train_on {options.train_on!r} is not one of {', '.join(TRAIN_ON)}")
+    if options.loss_normalization not in NORMALIZATIONS:
+        raise ConvertError(
+            f"loss_normalization {options.loss_normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
+        )
     files = _inputs(inputs)
     template = options.chat_template.read_text(encoding="utf-8") if options.chat_template else None
     try:
@@ -190,9 +198,11 @@ def _convert(
             nonlocal position
             sources = [(file.path, file.name) for file in files]
             batches = read_batches(sources, run.sync.file, run.sync.line, progress)
-            work = ordered_results(
-                batches, renderer, options.model, options.think_tags, options.max_seq_len, options.num_proc
+            rules = Rules(
+                options.think_tags, options.max_seq_len, options.train_on,
+                options.loss_normalization,  # type: ignore[arg-type]  # checked in convert()
             )
+            work = ordered_results(batches, renderer, options.model, rules, options.num_proc)
             for batch, results in work:
                 progress(sum(len(raw) for _, _, raw in batch))
                 for result in results:
@@ -287,6 +297,7 @@ def _manifest(
         },
         "rows": summary.rows,
         "fill_rate": round(summary.fill_rate, 6),
+        "loss": {"normalization": options.loss_normalization, "train_on": options.train_on},
         "reasoning_audit": {
             "turns_with_reasoning": summary.reasoning_turns,
             "reasoning_dropped": summary.reasoning_dropped,

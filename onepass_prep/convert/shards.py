@@ -1,4 +1,4 @@
-"""Write rows as Parquet shards (format v1) and the manifest that marks a run complete.
+"""Write rows as Parquet shards (docs/FORMAT.md) and the manifest that marks a run complete.
 
 Shards are written under a temporary name and renamed when complete, and the manifest
 is written last, so an interrupted run never leaves a file that looks finished.
@@ -21,27 +21,29 @@ from onepass_prep.format import MANIFEST, SCHEMA, shard_name
 ROW_GROUP_ROWS = 64
 
 
-def _int_lists(arrays: list[np.ndarray]) -> pa.ListArray:
+def _lists(arrays: list[np.ndarray], dtype: type = np.int32) -> pa.ListArray:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum([len(array) for array in arrays], out=offsets[1:])
-    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
+    values: np.ndarray = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def rows_to_table(rows: list[Row]) -> pa.Table:
     mask_spec = pa.StructArray.from_arrays(
-        [_int_lists([row.seg_lens for row in rows]), _int_lists([row.seg_parents for row in rows])],
+        [_lists([row.seg_lens for row in rows]), _lists([row.seg_parents for row in rows])],
         names=["seg_lens", "seg_parents"],
     )
     columns = [
-        _int_lists([row.input_ids for row in rows]),
-        _int_lists([row.position_ids for row in rows]),
-        _int_lists([row.labels for row in rows]),
+        _lists([row.input_ids for row in rows]),
+        _lists([row.position_ids for row in rows]),
+        _lists([row.labels for row in rows]),
         mask_spec,
         pa.array([row.conversation_ids for row in rows], pa.list_(pa.string())),
         pa.array([len(row) for row in rows], pa.int32()),
         pa.array([row.num_trained for row in rows], pa.int32()),
         pa.array([row.n_pass_tokens for row in rows], pa.int64()),
+        _lists([row.loss_weights for row in rows], np.float32),
+        pa.array([row.loss_units for row in rows], pa.int32()),
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 

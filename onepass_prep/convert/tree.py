@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onepass_prep.convert.loss import Normalization, token_weights
 from onepass_prep.convert.render import Sample
 from onepass_prep.format import IGNORE_INDEX
 
@@ -45,6 +46,8 @@ class Layout:
     seg_lens: np.ndarray
     seg_parents: np.ndarray
     n_pass_tokens: int
+    loss_weights: np.ndarray  # float32 per token, 0 where not trained (convert/loss.py)
+    loss_units: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -55,7 +58,7 @@ class PrefixTree:
         self.samples = samples
         self.root = Node(sample=-1, start=0, end=0)
         for index, sample in enumerate(samples):
-            if sample.num_trained:
+            if sample.is_trained:
                 self._insert(index)
 
     def _tokens(self, node: Node) -> np.ndarray:
@@ -144,9 +147,15 @@ class PrefixTree:
         attach.children.append(trained)
         attach.labelled_child = trained
 
-    def layout(self) -> Layout:
+    def layout(self, normalization: Normalization = "token") -> Layout:
+        weight_of, units = token_weights(
+            [s.weight if s.is_trained else 0.0 for s in self.samples],
+            [s.num_trained for s in self.samples],
+            normalization,
+        )
         empty = np.zeros(0, np.int32)
         ids, positions, labels = [empty], [empty], [empty]
+        weights = [np.zeros(0, np.float32)]
         seg_lens: list[int] = []
         seg_parents: list[int] = []
         # Depth-first pre-order; the labelled child goes first so it follows its parent.
@@ -163,6 +172,7 @@ class PrefixTree:
                 ids.append(tokens)
                 positions.append(np.arange(node.start, node.end, dtype=np.int32))
                 labels.append(tokens if node.label >= 0 else np.full(len(tokens), IGNORE_INDEX, np.int32))
+                weights.append(np.full(len(tokens), weight_of[node.label] if node.label >= 0 else 0, np.float32))
                 seg_lens[segment] += len(tokens)
                 if len(node.children) != 1:
                     break
@@ -177,6 +187,8 @@ class PrefixTree:
             np.asarray(seg_lens, dtype=np.int32),
             np.asarray(seg_parents, dtype=np.int32),
             n_pass,
+            np.concatenate(weights),
+            units,
         )
 
     @staticmethod
@@ -187,5 +199,5 @@ class PrefixTree:
         return [first] + [child for child in node.children if child is not first]
 
 
-def layout_samples(samples: list[Sample]) -> Layout:
-    return PrefixTree(samples).layout()
+def layout_samples(samples: list[Sample], normalization: Normalization = "token") -> Layout:
+    return PrefixTree(samples).layout(normalization)

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from onepass_prep.convert.loss import Normalization
 from onepass_prep.convert.records import BadRecord, Conversation, Rejection, parse_line
 from onepass_prep.convert.render import Rendered, Renderer, Sample
 from onepass_prep.convert.tokenizer import load_tokenizer
@@ -36,17 +37,27 @@ class Converted:
 Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
 
 
-def layout_conversation(conversation: Conversation, renderer: Renderer, max_seq_len: int) -> Layout:
-    return _checked_layout(renderer.samples(conversation), max_seq_len)
+@dataclass(frozen=True)
+class Rules:
+    """How a line becomes a laid-out conversation, besides the template."""
+
+    think_tags: tuple[str, str] = ("<think>", "</think>")
+    max_seq_len: int = 32768
+    train_on: str = "all"  # or "last": only each conversation's final assistant message
+    normalization: Normalization = "token"
 
 
-def _checked_layout(samples: list[Sample], max_seq_len: int) -> Layout:
-    if not any(sample.num_trained for sample in samples):
+def layout_conversation(conversation: Conversation, renderer: Renderer, rules: Rules) -> Layout:
+    return _checked_layout(renderer.samples(conversation), rules)
+
+
+def _checked_layout(samples: list[Sample], rules: Rules) -> Layout:
+    if not any(sample.is_trained for sample in samples):
         raise BadRecord("nothing-to-train", "no assistant turn has a token to train")
-    layout = layout_samples(samples)
-    if len(layout) > max_seq_len:
+    layout = layout_samples(samples, rules.normalization)
+    if len(layout) > rules.max_seq_len:
         raise BadRecord(
-            "too-long", f"{len(layout)} one-pass tokens exceed --max-seq-len {max_seq_len}"
+            "too-long", f"{len(layout)} one-pass tokens exceed --max-seq-len {rules.max_seq_len}"
         )
     return layout
 
@@ -54,35 +65,29 @@ def _checked_layout(samples: list[Sample], max_seq_len: int) -> Layout:
 Parsed = list[tuple[Conversation | Rejection | None, bytes]]
 
 
-def convert_lines(
-    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
-) -> list[Converted | Rejection]:
+def convert_lines(lines: list[Line], renderer: Renderer, rules: Rules) -> list[Converted | Rejection]:
     """One result per non-blank line, in order: the unit of work of a worker process."""
-    return finish_lines(*render_lines(lines, renderer, think_tags, max_seq_len), renderer, max_seq_len)
+    return finish_lines(*render_lines(lines, renderer, rules), renderer, rules)
 
 
-def render_lines(
-    lines: list[Line], renderer: Renderer, think_tags: tuple[str, str], max_seq_len: int
-) -> tuple[Parsed, list[Rendered]]:
+def render_lines(lines: list[Line], renderer: Renderer, rules: Rules) -> tuple[Parsed, list[Rendered]]:
     """The Python half of the work: parse and render. A conversation whose longest
     sample cannot fit `max_seq_len` by a bound on its text is rejected here, before it is
     tokenized (the one-pass layout holds every sample whole)."""
-    parsed = [(parse_line(raw, source, number, think_tags), raw) for source, number, raw in lines]
+    parsed = [(parse_line(raw, source, number, rules.think_tags, rules.train_on), raw) for source, number, raw in lines]
     conversations = [record for record, _ in parsed if isinstance(record, Conversation)]
     rendered = renderer.render_many(conversations)
     for index, turns in enumerate(rendered):
         if isinstance(turns, list):
             fewest = max((renderer.encoder.fewest_tokens(turn.text) for turn in turns), default=0)
-            if fewest > max_seq_len:
+            if fewest > rules.max_seq_len:
                 rendered[index] = BadRecord(
-                    "too-long", f"at least {fewest} tokens in one sample exceed --max-seq-len {max_seq_len}"
+                    "too-long", f"at least {fewest} tokens in one sample exceed --max-seq-len {rules.max_seq_len}"
                 )
     return parsed, rendered
 
 
-def finish_lines(
-    parsed: Parsed, rendered: list[Rendered], renderer: Renderer, max_seq_len: int
-) -> list[Converted | Rejection]:
+def finish_lines(parsed: Parsed, rendered: list[Rendered], renderer: Renderer, rules: Rules) -> list[Converted | Rejection]:
     """The other half: tokenize (mostly outside the GIL) and lay out."""
     samples = iter(renderer.tokenize(rendered))
     results: list[Converted | Rejection] = []
@@ -94,8 +99,8 @@ def finish_lines(
             found = next(samples)
             if isinstance(found, BadRecord):
                 raise found
-            layout = _checked_layout(found, max_seq_len)
-            audit = [sample.reasoning for sample in found if sample.num_trained]
+            layout = _checked_layout(found, rules)
+            audit = [sample.reasoning for sample in found if sample.is_trained]
             results.append(
                 Converted(
                     record.id, layout, record.source, record.line,
@@ -112,13 +117,11 @@ def finish_lines(
 _worker: dict = {}
 
 
-def _start_worker(
-    model: str, chat_template: str | None, think_tags: tuple[str, str], template_kwargs: dict, max_seq_len: int
-) -> None:
+def _start_worker(model: str, chat_template: str | None, template_kwargs: dict, rules: Rules) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     loaded = load_tokenizer(model, chat_template)
-    renderer = Renderer(loaded.tokenizer, think_tags, template_kwargs)
-    _worker.update(renderer=renderer, think_tags=think_tags, max_seq_len=max_seq_len)
+    renderer = Renderer(loaded.tokenizer, rules.think_tags, template_kwargs)
+    _worker.update(renderer=renderer, rules=rules)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -130,7 +133,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _work(lines: list[Line]) -> list[Converted | Rejection]:
-    return convert_lines(lines, _worker["renderer"], _worker["think_tags"], _worker["max_seq_len"])
+    return convert_lines(lines, _worker["renderer"], _worker["rules"])
 
 
 def read_batches(
@@ -160,8 +163,7 @@ def ordered_results(
     batches: Iterator[list[Line]],
     renderer: Renderer,
     model: str,
-    think_tags: tuple[str, str],
-    max_seq_len: int,
+    rules: Rules,
     num_proc: int,
 ) -> Iterator[tuple[list[Line], list[Converted | Rejection]]]:
     """Each batch with its results, in input order; with workers, a bounded number of
@@ -172,8 +174,8 @@ def ordered_results(
         with ThreadPoolExecutor(1) as second:
             previous: tuple[list[Line], Future[list[Converted | Rejection]]] | None = None
             for batch in batches:
-                rendered = render_lines(batch, renderer, think_tags, max_seq_len)
-                future = second.submit(finish_lines, *rendered, renderer, max_seq_len)
+                rendered = render_lines(batch, renderer, rules)
+                future = second.submit(finish_lines, *rendered, renderer, rules)
                 if previous:
                     yield previous[0], previous[1].result()
                 previous = (batch, future)
@@ -182,7 +184,7 @@ def ordered_results(
         return
     # spawn, not fork: the parent has threads (progress display, tokenizer pools).
     context = multiprocessing.get_context("spawn")
-    initargs = (model, renderer.tokenizer.chat_template, think_tags, renderer.template_kwargs, max_seq_len)
+    initargs = (model, renderer.tokenizer.chat_template, renderer.template_kwargs, rules)
     pool = ProcessPoolExecutor(num_proc, context, _start_worker, initargs)
     try:
         pending: deque[tuple[list[Line], Future[list[Converted | Rejection]]]] = deque()

@@ -1,4 +1,4 @@
-"""Output format v1 in code: the one home of docs/FORMAT.md's rules, shared by the
+"""Output format v2 (and reading v1) in code: the one home of docs/FORMAT.md's rules, shared by the
 converter's writer, the inspect/stats/verify readers and the torch runtime.
 
 Imports numpy and pyarrow only (no torch, no transformers).
@@ -10,19 +10,24 @@ from onepass_prep.format.files import (
     IGNORE_INDEX,
     LOCK,
     MANIFEST,
+    NORMALIZATIONS,
+    READ_VERSIONS,
     REJECTED,
     SCHEMA,
+    SCHEMA_V1,
+    TRAIN_ON,
     FormatError,
     Source,
     listed_shards,
     lock_holder,
+    loss_settings,
     open_shard,
     read_manifest,
     read_row_group,
     resolve_shards,
     shard_name,
 )
-from onepass_prep.format.rows import list_columns, list_parts, validate_batch
+from onepass_prep.format.rows import list_columns, list_parts, validate_batch, with_loss_columns
 from onepass_prep.format.structure import subtree_last, token_parents, token_subtree_end
 
 __all__ = [
@@ -31,14 +36,19 @@ __all__ = [
     "IGNORE_INDEX",
     "LOCK",
     "MANIFEST",
+    "NORMALIZATIONS",
+    "READ_VERSIONS",
     "REJECTED",
     "SCHEMA",
+    "SCHEMA_V1",
+    "TRAIN_ON",
     "FormatError",
     "Source",
     "list_columns",
     "list_parts",
     "listed_shards",
     "lock_holder",
+    "loss_settings",
     "open_shard",
     "read_manifest",
     "read_row_group",
@@ -48,4 +58,5 @@ __all__ = [
     "token_parents",
     "token_subtree_end",
     "validate_batch",
+    "with_loss_columns",
 ]

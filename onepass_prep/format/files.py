@@ -1,5 +1,5 @@
-"""The files of a run (docs/FORMAT.md, v1): names, the shard schema, the manifest, and the
-checks every reader makes before it trusts a shard."""
+"""The files of a run (docs/FORMAT.md, v2; v1 still reads): names, the shard schema, the
+manifest, and the checks every reader makes before it trusts a shard."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # v1 rows read as message weights 1 under the token mean
 FORMAT_NAME = "onepass-prep"
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
@@ -21,8 +22,11 @@ IGNORE_INDEX = -100  # the label of a token that is not trained
 
 Source = str | Path | Sequence[str | Path]
 
+NORMALIZATIONS = ("token", "turn", "conversation")
+TRAIN_ON = ("all", "last")
+
 _INT32_LIST = pa.list_(pa.int32())
-SCHEMA = pa.schema(
+SCHEMA_V1 = pa.schema(
     [
         ("input_ids", _INT32_LIST),
         ("position_ids", _INT32_LIST),
@@ -34,10 +38,15 @@ SCHEMA = pa.schema(
         ("n_pass_tokens", pa.int64()),
     ]
 )
+# v2 adds the loss: per-token weights and the row's share of the step's denominator.
+SCHEMA = SCHEMA_V1.append(pa.field("loss_weights", pa.list_(pa.float32()))).append(
+    pa.field("loss_units", pa.int32())
+)
+_SCHEMAS = {1: SCHEMA_V1, 2: SCHEMA}
 
 
 class FormatError(ValueError):
-    """Output that cannot be read as format v1; the message names the file (and row)."""
+    """Output that cannot be read as format v1 or v2; the message names the file (and row)."""
 
 
 def shard_name(index: int) -> str:
@@ -86,12 +95,18 @@ def read_manifest(folder: Path) -> dict:
         raise FormatError(f"{path}: not JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise FormatError(f"{path}: not an onepass-prep manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_VERSIONS:
         raise FormatError(
             f"{path}: format_version {manifest.get('format_version')!r} is unknown "
-            f"(this version reads {FORMAT_VERSION})"
+            f"(this version reads {', '.join(map(str, READ_VERSIONS))})"
         )
     return manifest
+
+
+def loss_settings(manifest: dict) -> dict:
+    """What the rows' loss weights encode; a v1 run trained every assistant turn, weight 1,
+    under the token mean."""
+    return manifest.get("loss") or {"normalization": "token", "train_on": "all"}
 
 
 def listed_shards(folder: Path, manifest: dict) -> list[tuple[Path, int, int]]:
@@ -103,7 +118,8 @@ def listed_shards(folder: Path, manifest: dict) -> list[tuple[Path, int, int]]:
 
 
 def resolve_shards(source: Source) -> list[Path]:
-    """Shard files of output folders or of single shards, each checked against its manifest.
+    """Shard files of output folders or of single shards, each checked against its manifest
+    (row count, and the columns of the manifest's format version).
 
     A loose shard is read only if the folder it sits in holds a manifest that lists it,
     because the manifest is the only place that says the run finished and which format it
@@ -115,20 +131,21 @@ def resolve_shards(source: Source) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, items):
         folder = item if item.is_dir() else item.parent
-        listed = {path: rows for path, rows, _ in listed_shards(folder, read_manifest(folder))}
+        manifest = read_manifest(folder)
+        listed = {path: rows for path, rows, _ in listed_shards(folder, manifest)}
         if not item.is_dir() and item not in listed:
             raise FormatError(f"{item}: not listed in {folder / MANIFEST}")
         chosen = list(listed) if item.is_dir() else [item]
         for path in chosen:
-            open_shard(path, listed[path])
+            open_shard(path, listed[path], manifest["format_version"])
         files.extend(chosen)
     return files
 
 
-def open_shard(path: Path, rows: int | None = None) -> pq.ParquetFile:
+def open_shard(path: Path, rows: int | None = None, version: int | None = None) -> pq.ParquetFile:
     """A shard's Parquet file, checked: it exists, is readable, has `rows` rows (if given)
-    and exactly the v1 column types. A truncated or corrupt file is named, not a bare
-    Arrow error."""
+    and exactly the column types of format `version` (if not given, of the version its
+    columns say). A truncated or corrupt file is named, not a bare Arrow error."""
     if not path.is_file():
         raise FormatError(f"{path}: listed in the manifest but missing")
     try:
@@ -138,7 +155,9 @@ def open_shard(path: Path, rows: int | None = None) -> pq.ParquetFile:
     if rows is not None and parquet.metadata.num_rows != rows:
         raise FormatError(f"{path}: {parquet.metadata.num_rows} rows, the manifest says {rows}")
     schema = parquet.schema_arrow
-    for field in SCHEMA:
+    if version is None:
+        version = 2 if "loss_weights" in schema.names else 1
+    for field in _SCHEMAS[version]:
         if field.name not in schema.names:
             raise FormatError(f"{path}: missing column {field.name!r}")
         if schema.field(field.name).type != field.type:

@@ -1,4 +1,4 @@
-"""The v1 row invariants, checked vectorised per record batch (docs/FORMAT.md): the one
+"""The row invariants, checked vectorised per record batch (docs/FORMAT.md): the one
 check behind every reader (the torch datasets, inspect, stats, verify).
 
 The mask builders trust these invariants (pre-order segments above all), so a broken row must
@@ -24,10 +24,27 @@ def list_parts(array: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values
 
 
+def with_loss_columns(table: pa.Table) -> pa.Table:
+    """A v1 table with the v2 loss columns it implies (weight 1 per trained token, its
+    trained tokens as the row's units); a v2 table as it is. Readers call it on what they
+    read, so v1 and v2 rows look the same from then on."""
+    if "loss_weights" in table.column_names:
+        return table
+    labels = table.column("labels").combine_chunks()
+    offsets, values = list_parts(labels)
+    weights = pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array((values != IGNORE_INDEX).astype(np.float32))
+    )
+    return table.append_column("loss_weights", weights).append_column(
+        "loss_units", table.column("num_trained_tokens")
+    )
+
+
 def list_columns(batch: pa.RecordBatch | pa.Table) -> dict[str, pa.Array]:
-    """The five list columns, with ``mask_spec`` unnested (``flatten`` honours slicing)."""
+    """The list columns, with ``mask_spec`` unnested (``flatten`` honours slicing)."""
     columns = {}
-    for name in ("input_ids", "position_ids", "labels", "mask_spec"):
+    names = ["input_ids", "position_ids", "labels", "mask_spec"]
+    for name in names + ["loss_weights"] * ("loss_weights" in batch.schema.names):
         column = batch.column(name)
         columns[name] = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     spec = columns.pop("mask_spec")
@@ -64,7 +81,8 @@ class _Checker:
     def run(self) -> None:
         n = self.batch.num_rows
         lists = list_columns(self.batch)
-        for name in ("num_tokens", "num_trained_tokens", "mask_spec"):
+        scalars = ["num_tokens", "num_trained_tokens", "mask_spec"]
+        for name in scalars + ["loss_units"] * ("loss_units" in self.batch.schema.names):
             self.fail_if(_nulls(self.column(name), n), f"{name} is null")
         for name, array in lists.items():
             self.fail_if(_nulls(array, n), f"{name} is null")
@@ -77,8 +95,9 @@ class _Checker:
         num_tokens = self.column("num_tokens").to_numpy()
         self.fail_if(length == 0, "empty row")
         self.fail_if(num_tokens != length, "num_tokens differs from len(input_ids)")
-        for name in ("position_ids", "labels"):
-            self.fail_if(np.diff(parts[name][0]) != length, f"len({name}) != len(input_ids)")
+        for name in ("position_ids", "labels", "loss_weights"):
+            if name in parts:
+                self.fail_if(np.diff(parts[name][0]) != length, f"len({name}) != len(input_ids)")
         seg_off, seg_lens = parts["seg_lens"]
         par_off, parents = parts["seg_parents"]
         self.fail_if(np.diff(par_off) != np.diff(seg_off), "len(seg_parents) != len(seg_lens)")
@@ -125,6 +144,17 @@ class _Checker:
             trained_count != self.column("num_trained_tokens").to_numpy(),
             "num_trained_tokens differs from the labels",
         )
+        if "loss_weights" in parts:
+            self.check_loss(parts["loss_weights"][1], trained, trained_count, tok_off)
+
+    def check_loss(self, weights: np.ndarray, trained: np.ndarray, trained_count: np.ndarray,
+                   tok_off: np.ndarray) -> None:
+        self.fail_at_token(~trained & (weights != 0), tok_off, "loss weight != 0 at an untrained token")
+        good = np.isfinite(weights) & (weights > 0)
+        self.fail_at_token(trained & ~good, tok_off, "loss weight not > 0 and finite at a trained token")
+        units = self.column("loss_units").to_numpy()
+        self.fail_if((units < 0) | (units > trained_count), "loss_units not in [0, num_trained_tokens]")
+        self.fail_if((units == 0) != (trained_count == 0), "loss_units is 0 but tokens are trained, or the reverse")
 
 
 def _nulls(array: pa.Array, n: int) -> np.ndarray:

@@ -30,6 +30,7 @@ from onepass_prep.format import (
     token_parents,
     token_subtree_end,
     validate_batch,
+    with_loss_columns,
 )
 
 
@@ -75,6 +76,8 @@ class ShardRow:
     num_tokens: int
     num_trained_tokens: int
     n_pass_tokens: int
+    loss_weights: np.ndarray  # float32 per token (1 per trained token in a v1 run)
+    loss_units: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -143,7 +146,7 @@ def iter_rows(run: Run) -> Iterator[ShardRow]:
     """Every row of the run's shards in order, each checked against FORMAT.md."""
     number = run.first_row
     for file, rows, tokens in run.shards:
-        parquet = open_shard(file, rows)
+        parquet = open_shard(file, rows, run.manifest["format_version"])
         seen_rows = seen_tokens = 0
         try:
             for batch in parquet.iter_batches(batch_size=64):
@@ -164,7 +167,7 @@ def read_row(run: Run, number: int) -> ShardRow:
     for file, rows, _ in run.shards:
         if number < offset + rows:
             index = number - offset
-            parquet = open_shard(file, rows)
+            parquet = open_shard(file, rows, run.manifest["format_version"])
             try:
                 for group in range(parquet.num_row_groups):
                     size = parquet.metadata.row_group(group).num_rows
@@ -194,12 +197,13 @@ def load_run_tokenizer(run: Run, model: str | None = None) -> tuple[LoadedTokeni
     return loaded, loaded.hash == recorded.get("hash")
 
 
-def _batch_rows(batch: pa.RecordBatch, file: Path, first: int, number: int) -> Iterator[ShardRow]:
+def _batch_rows(batch: pa.RecordBatch | pa.Table, file: Path, first: int, number: int) -> Iterator[ShardRow]:
     """The rows of a batch, checked by the format's one row check (docs/FORMAT.md)."""
+    batch = with_loss_columns(pa.Table.from_batches([batch]))
     validate_batch(batch, file, first)
     parts = {name: list_parts(array) for name, array in list_columns(batch).items()}
     scalars = {}
-    for name in ("num_tokens", "num_trained_tokens", "n_pass_tokens", "conversation_ids"):
+    for name in ("num_tokens", "num_trained_tokens", "n_pass_tokens", "conversation_ids", "loss_units"):
         if batch.column(name).null_count:
             raise FormatError(f"{file}: rows from {first}: {name} holds a null")
         scalars[name] = batch.column(name).to_pylist()
@@ -211,4 +215,5 @@ def _batch_rows(batch: pa.RecordBatch, file: Path, first: int, number: int) -> I
             num_tokens=scalars["num_tokens"][i],
             num_trained_tokens=scalars["num_trained_tokens"][i],
             n_pass_tokens=scalars["n_pass_tokens"][i],
+            loss_units=scalars["loss_units"][i],
         )

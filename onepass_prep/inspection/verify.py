@@ -5,7 +5,8 @@ pairs are compared by the hashed keys of `pairs.py`).
 Samples are rendered here with `apply_chat_template(..., tokenize=True)`, independently of
 the converter's rendering, tokenizing and layout code. The contract then reads: the
 multiset of keys of labelled row tokens equals the multiset of keys of trained sample
-tokens.
+tokens, each key carrying the token's loss weight, worked out here from the docs/FORMAT.md
+table (not by the converter's code).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from onepass_prep.convert.records import BadRecord, Conversation, Rejection, read_jsonl
 from onepass_prep.convert.render import Renderer, template_error, with_null_fallback
-from onepass_prep.format import FormatError
+from onepass_prep.format import FormatError, loss_settings
 from onepass_prep.inspection.pairs import Powers, row_keys, sample_keys
 from onepass_prep.inspection.runs import Run, iter_rows, load_run_tokenizer
 
@@ -31,9 +32,10 @@ class Expected:
 
     conversation: Conversation
     message: int  # index of the assistant message in the messages
-    turn: int  # 1-based among the conversation's assistant messages
+    turn: int  # 1-based among the conversation's trained assistant messages
     ids: np.ndarray
     start: int
+    weight: float = 1.0  # the loss weight of each trained token (docs/FORMAT.md, "Loss")
 
 
 @dataclass
@@ -99,8 +101,12 @@ def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -
     expected_keys = [sample_keys(e.ids, e.start, powers) for e in expected]
     report.samples = len(expected)
     report.pairs = sum(len(k) for k in expected_keys)
-    _check_bookkeeping(expected, seen, report)
-    _check_pairs(run, expected, expected_keys, seen, loaded.tokenizer.decode, report)
+    _check_bookkeeping(expected, seen, report, loss_settings(run.manifest)["normalization"])
+    weighted = [
+        _with_weight(keys, np.full(len(keys), e.weight, np.float32))
+        for keys, e in zip(expected_keys, expected, strict=True)
+    ]
+    _check_pairs(run, expected, weighted, seen, loaded.tokenizer.decode, report)
     if model_check:
         from onepass_prep.inspection.model_check import check_losses
 
@@ -114,27 +120,37 @@ def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -
 @dataclass
 class SeenRows:
     ids: Counter  # conversation ids over the rows
-    keys: np.ndarray  # one key per labelled token
+    keys: np.ndarray  # one key per labelled token, with its loss weight
     places: np.ndarray  # (row number, token index) per key
     n_pass_tokens: int
+    units: list[tuple[list[str], int]]  # (conversation ids, loss_units) per row
 
 
 def _read_rows(run: Run, powers: Powers, report: VerifyReport) -> SeenRows:
     ids: Counter = Counter()
-    keys_parts, places, n_pass_tokens = [], [], 0
+    keys_parts, places, n_pass_tokens, units = [], [], 0, []
     for row in iter_rows(run):
         report.rows += 1
         ids.update(row.conversation_ids)
         n_pass_tokens += row.n_pass_tokens
+        units.append((row.conversation_ids, row.loss_units))
         found, labelled = row_keys(row, powers)
-        keys_parts.append(found)
+        keys_parts.append(_with_weight(found, row.loss_weights[labelled]))
         places.append(np.stack([np.full(len(labelled), row.number), labelled], axis=1))
     report.labelled = sum(len(k) for k in keys_parts)
-    return SeenRows(ids, _stack(keys_parts, 4), _stack(places, 2), n_pass_tokens)
+    return SeenRows(ids, _stack(keys_parts, 5), _stack(places, 2), n_pass_tokens, units)
 
 
-def _check_bookkeeping(expected: list[Expected], seen: SeenRows, report: VerifyReport) -> None:
-    """Each expected conversation in exactly one row, and n_pass_tokens as rendered."""
+def _with_weight(keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Pair keys with their float32 loss weight's bits as a fifth column."""
+    return np.column_stack([keys, weights.astype(np.float32).view(np.int32).astype(np.int64)])
+
+
+def _check_bookkeeping(
+    expected: list[Expected], seen: SeenRows, report: VerifyReport, normalization: str
+) -> None:
+    """Each expected conversation in exactly one row, n_pass_tokens as rendered, and each
+    row's loss_units what its conversations' trained samples make (docs/FORMAT.md)."""
     wanted = Counter(e.conversation.id for e in expected if e.turn == 1)
     for conversation_id in sorted(set(wanted) | set(seen.ids)):
         if seen.ids[conversation_id] != wanted[conversation_id]:
@@ -147,6 +163,17 @@ def _check_bookkeeping(expected: list[Expected], seen: SeenRows, report: VerifyR
         report.problem(
             f"n_pass_tokens: the rows say {seen.n_pass_tokens:,}, the re-rendered samples have {rendered:,}"
         )
+    units: Counter = Counter()
+    for e in expected:
+        units[e.conversation.id] += {"token": len(e.ids) - e.start, "turn": 1, "conversation": e.turn == 1}[
+            normalization
+        ]
+    for conversation_ids, row_units in seen.units:
+        if row_units != sum(units[i] for i in conversation_ids):
+            report.problem(
+                f"row of {', '.join(conversation_ids)}: loss_units {row_units}, "
+                f"expected {sum(units[i] for i in conversation_ids)}"
+            )
 
 
 def _check_pairs(run, expected, expected_keys, seen: SeenRows, decode, report) -> None:
@@ -158,21 +185,22 @@ def _check_pairs(run, expected, expected_keys, seen: SeenRows, decode, report) -
         ],
         2,
     )
-    missing, extra = multiset_difference(_stack(expected_keys, 4), seen.keys)
+    missing, extra = multiset_difference(_stack(expected_keys, 5), seen.keys)
     share = MAX_REPORTED // 2 if len(missing) and len(extra) else MAX_REPORTED
     for shown, (sample, k) in enumerate(sorted(sample_places[missing].tolist())):
         e = expected[sample]
         report.problem(
             f"conversation {e.conversation.id} ({e.conversation.source}:{e.conversation.line}), "
             f"turn {e.turn} (message {e.message}), sample token {k} {decode([int(e.ids[k])])!r}: "
-            "not trained with exactly its context in any row",
+            f"not trained with exactly its context and loss weight {e.weight:.6g} in any row",
             show=shown < share,
         )
     for shown, index in enumerate(sorted(extra.tolist(), key=lambda i: seen.places[i].tolist())):
         number, j = seen.places[index].tolist()
         report.problem(
             f"{_row_place(run, number)}, token {j} {decode([int(seen.keys[index, 3])])!r}: "
-            "labelled, but no N-pass sample trains this token with this context",
+            "labelled, but no N-pass sample trains this token with this context and loss weight "
+            f"{np.int32(seen.keys[index, 4]).view(np.float32):.6g}",
             show=shown < share,
         )
 
@@ -184,12 +212,13 @@ def _expected(
     with an id in `only`, when only some shards are read)."""
     options = run.manifest.get("options", {})
     think_tags = tuple(options.get("think_tags") or ("<think>", "</think>"))
+    loss = loss_settings(run.manifest)
     renderer = Renderer(tokenizer, think_tags, options.get("chat_template_kwargs"))
     rejected = Counter((entry.get("id"), entry.get("line")) for entry in run.rejected())
     read = unreadable = 0
     expected = []
     for path in inputs:
-        for record in read_jsonl(path, think_tags):
+        for record in read_jsonl(path, think_tags, loss["train_on"]):
             read += 1
             if isinstance(record, Rejection):
                 unreadable += 1
@@ -212,8 +241,11 @@ def _expected(
                     "but the run did not reject it"
                 )
                 continue
-            for turn, (message, ids, start) in enumerate(samples, start=1):
-                expected.append(Expected(record, message, turn, ids, start))
+            trained = [
+                (message, ids, start) for message, ids, start in samples
+                if record.weights[message] > 0 and len(ids) > start
+            ]
+            expected += _weighted(record, trained, loss["normalization"])
     counts = run.manifest.get("counts", {})
     if only is not None:  # the run-wide counts cover shards not read
         return expected
@@ -225,6 +257,22 @@ def _expected(
             f"match rejected.jsonl, the run rejected {counts.get('rejected')}"
         )
     return expected
+
+
+def _weighted(
+    record: Conversation, samples: list[tuple[int, np.ndarray, int]], normalization: str
+) -> list[Expected]:
+    """The trained samples, each with its tokens' loss weight by the docs/FORMAT.md table."""
+    tokens = sum(len(ids) - start for _, ids, start in samples)
+    out = []
+    for turn, (message, ids, start) in enumerate(samples, start=1):
+        weight = record.weights[message]
+        if normalization == "turn":
+            weight /= len(ids) - start
+        elif normalization == "conversation":
+            weight /= tokens
+        out.append(Expected(record, message, turn, ids, start, weight))
+    return out
 
 
 def _stack(parts: list[np.ndarray], width: int) -> np.ndarray:

@@ -294,6 +294,7 @@ def _sub_row(view: RowView, conversation: Conversation) -> ShardRow:
         row.labels[tokens], row.seg_lens[segments], parents, [conversation.id],
         num_tokens=conversation.end - conversation.start, num_trained_tokens=conversation.trained,
         n_pass_tokens=0,  # not known per conversation, and not drawn
+        loss_weights=row.loss_weights[tokens], loss_units=0,  # units: not known per conversation
     )
 
 

@@ -25,7 +25,7 @@ from onepass_prep.convert.pack import join
 from onepass_prep.convert.records import Conversation, parse_line
 from onepass_prep.convert.render import Renderer
 from onepass_prep.convert.tokenizer import load_tokenizer
-from onepass_prep.convert.work import layout_conversation
+from onepass_prep.convert.work import Rules, layout_conversation
 
 THINK = ("<think>", "</think>")
 
@@ -122,7 +122,7 @@ def test_generated_conversations_are_exact(template, record):
     loaded, reference = cached_tokenizers(template)
     conversation = parse_line(json.dumps(record).encode(), "generated", 1, THINK)
     assert isinstance(conversation, Conversation), conversation
-    layout = layout_conversation(conversation, Renderer(loaded.tokenizer, THINK), max_seq_len=10**9)
+    layout = layout_conversation(conversation, Renderer(loaded.tokenizer, THINK), Rules(THINK, 10**9))
     row = join([("generated", layout)])
     row_dict = {
         "input_ids": row.input_ids,

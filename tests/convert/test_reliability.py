@@ -24,7 +24,7 @@ from onepass_prep.cli import app
 from onepass_prep.convert.pack import join
 from onepass_prep.convert.records import Rejection
 from onepass_prep.convert.render import Renderer
-from onepass_prep.convert.work import Converted, convert_lines
+from onepass_prep.convert.work import Converted, Rules, convert_lines
 
 THINK = ("<think>", "</think>")
 runner = CliRunner()
@@ -188,7 +188,7 @@ records = st.one_of(
 def test_fuzzed_records_convert_exactly_or_are_rejected(qwen, batch):
     renderer = Renderer(qwen.tokenizer, THINK)
     lines = [("fuzz.jsonl", n, json.dumps(r, ensure_ascii=False).encode()) for n, r in enumerate(batch, 1)]
-    results = convert_lines(lines, renderer, THINK, max_seq_len=8192)
+    results = convert_lines(lines, renderer, Rules(THINK, 8192))
     assert [r.line for r in results] == [n for n, _ in enumerate(batch, 1)]
     for result in results:
         if isinstance(result, Rejection):

@@ -25,12 +25,16 @@ def verify(out, *extra, source=SAMPLE):
 
 
 def tampered(tmp_path, source, number, change):
-    """A copy of the run whose row `number` went through `change` (a dict of lists)."""
+    """A copy of the run whose row `number` went through `change` (a dict of lists), its
+    loss columns kept consistent with its labels (the runs here use the token mean)."""
     out = tmp_path / "run"
     shutil.copytree(source, out)
     shard = out / "part-00000.parquet"
     table = pq.read_table(shard).to_pylist()
     change(table[number])
+    row = table[number]
+    row["loss_weights"] = [float(label != -100) for label in row["labels"]]
+    row["loss_units"] = row["num_trained_tokens"]
     pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), shard, compression="zstd")
     return out
 
@@ -116,10 +120,12 @@ def test_unlabelled_trained_token_is_reported_with_conversation_and_turn(tmp_pat
 
     result = verify(tampered(tmp_path, no_pack(), number, unlabel))
     assert result.exit_code == 1
-    assert "MISMATCH: 1 problems" in result.output
+    assert "MISMATCH: 2 problems" in result.output  # the pair, and the row's loss_units
     assert (f"conversation math-001 ({SAMPLE}:{line_of('math-001')}), turn 2 "
             f"(message {assistant_message('math-001', 2)}), sample token {spot['pos']} "
-            "'<think>': not trained with exactly its context in any row") in result.output
+            "'<think>': not trained with exactly its context and loss weight 1 in any row") in result.output
+    trained = sum(len(ids) - start for ids, start in source_samples(SAMPLE)["math-001"])
+    assert f"row of math-001: loss_units {trained - 1}, expected {trained}" in result.output
 
 
 def test_extra_label_is_reported_with_row_and_token(tmp_path):
