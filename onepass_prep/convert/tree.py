@@ -179,7 +179,7 @@ class PrefixTree:
                 node = node.children[0]  # a single child continues the same segment
             for child in reversed(self._ordered_children(node)):
                 stack.append((child, segment))
-        n_pass = sum(len(sample.input_ids) for sample in self.samples)
+        n_pass = sum(len(sample.input_ids) for sample in self.samples if sample.is_trained)
         return Layout(
             np.concatenate(ids).astype(np.int32),
             np.concatenate(positions),

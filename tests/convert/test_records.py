@@ -168,3 +168,66 @@ def test_a_rejection_keeps_the_line_without_its_newline_and_no_id_it_could_not_r
 
 def test_blank_lines_are_skipped():
     assert parse_line(b"  \n", "chats.jsonl", 1, THINK) is None
+
+
+def chat_with(*assistants: dict, first: dict = USER) -> dict:
+    """A chat alternating user and the given assistant messages."""
+    messages = [first]
+    for number, fields in enumerate(assistants):
+        if number:
+            messages.append(USER)
+        messages.append({"role": "assistant", "content": f"a{number}", **fields})
+    return {"messages": messages}
+
+
+@pytest.mark.parametrize(
+    "fields, weight",
+    [({}, 1.0), ({"weight": 0.25}, 0.25), ({"loss_weight": 2}, 2.0), ({"weight": 0}, 0.0),
+     ({"train": False}, 0.0), ({"train": True}, 1.0), ({"weight": None, "train": False}, 0.0)],
+)
+def test_message_weights_are_read_and_taken_out_of_the_message(fields, weight):
+    chat = parse(chat_with(fields))
+    assert chat.weights == [0.0, weight]
+    assert chat.messages[1] == {"role": "assistant", "content": "a0"}
+
+
+def test_sharegpt_turns_carry_weights_too():
+    chat = parse({"conversations": [{"from": "human", "value": "q", "train": False},
+                                    {"from": "gpt", "value": "a", "weight": 0.5}]})
+    assert chat.weights == [0.0, 0.5]
+    assert chat.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        (chat_with({"weight": -1}), "message 1 'weight' is -1, not a number >= 0"),
+        (chat_with({"loss_weight": "1"}), "message 1 'loss_weight' is '1', not a number >= 0"),
+        (chat_with({"weight": True}), "message 1 'weight' is True, not a number >= 0"),
+        (chat_with({"train": 1}), "message 1 'train' is 1, not true or false"),
+        (chat_with({"weight": 1, "train": True}), "message 1 has both weight and train"),
+        (chat_with({}, first={"role": "user", "content": "q", "weight": 1}),
+         "message 0 (user) has weight 1; only assistant messages train"),
+        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": NaN}]}',
+         "message 1 'weight' is nan, not a number >= 0"),
+        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": Infinity}]}',
+         "message 1 'weight' is inf, not a number >= 0"),
+    ],
+)
+def test_bad_weights_are_rejections(record, reason):
+    rejection = parse(record)
+    assert isinstance(rejection, Rejection)
+    assert (rejection.kind, rejection.reason) == ("bad-weight", reason)
+
+
+def test_a_user_message_may_say_it_is_not_trained():
+    chat = parse(chat_with({}, first={"role": "user", "content": "q", "weight": 0}))
+    assert chat.weights == [0.0, 1.0]
+
+
+def test_train_on_last_keeps_only_the_last_assistant_messages_weight():
+    record = chat_with({}, {"weight": 0.5}, {"weight": 3})
+    record["messages"].append({"role": "user", "content": "thanks"})  # the last message is not an assistant's
+    chat = parse_line(json.dumps(record).encode(), "chats.jsonl", 7, THINK, "last")
+    assert chat.weights == [0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0]
+    assert parse_line(json.dumps(record).encode(), "chats.jsonl", 7, THINK).weights == [0.0, 1.0, 0.0, 0.5, 0.0, 3.0, 0.0]

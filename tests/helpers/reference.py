@@ -204,8 +204,9 @@ def dense_mask(seg_lens, seg_parents) -> np.ndarray:
     return segment_ancestors(seg_parents)[segment[:, None], segment[None, :]] & causal
 
 
-def one_pass_pairs(row: dict) -> Counter:
-    """Multiset of (visible context, target) over every labelled token of a row.
+def one_pass_pairs(row: dict, with_weight: bool = False) -> Counter:
+    """Multiset of (visible context, target) over every labelled token of a row, with the
+    token's loss weight (as float32) if asked.
 
     Also checks what makes the pairs meaningful: labels equal input ids, the context's
     position ids are 0..n-1, and the predicting token is the label's parent.
@@ -222,8 +223,41 @@ def one_pass_pairs(row: dict) -> Counter:
         context = visible_from(j - 1, seg_lens, ancestor)
         assert list(positions[context]) == list(range(len(context)))
         assert list(visible_from(j, seg_lens, ancestor)) == list(context) + [j], "j-1 is not j's parent"
-        pairs[(tuple(ids[context].tolist()), int(ids[j]))] += 1
+        weight = (float(np.float32(row["loss_weights"][j])),) if with_weight else ()
+        pairs[(tuple(ids[context].tolist()), int(ids[j]), *weight)] += 1
     return pairs
+
+
+def message_weights(record: dict, train_on: str = "all") -> list[float]:
+    """The loss weight of each assistant message of a raw record, in order (docs/input.md:
+    `weight`, `loss_weight` or `train`, else 1; with `train_on="last"` only the last counts)."""
+    turns = record.get("messages") or record.get("conversations")
+    weights = []
+    for message in turns:
+        if message.get("role", SHAREGPT.get(message.get("from"))) != "assistant":
+            continue
+        if message.get("train") is not None:
+            weights.append(1.0 if message["train"] else 0.0)
+        else:
+            given = message.get("weight", message.get("loss_weight"))
+            weights.append(1.0 if given is None else float(given))
+    if train_on == "last":
+        weights = [0.0] * (len(weights) - 1) + weights[-1:]
+    return weights
+
+
+def weighted_pairs(samples: list[tuple[list[int], int]], weights: list[float], normalization: str) -> tuple[Counter, int]:
+    """The (context, target, float32 loss weight) multiset the docs/FORMAT.md "Loss" table
+    asks for, and the conversation's loss units."""
+    trained = [(ids, start, w) for (ids, start), w in zip(samples, weights, strict=True) if w > 0 and start < len(ids)]
+    total = sum(len(ids) - start for ids, start, _ in trained)
+    pairs: Counter = Counter()
+    for ids, start, w in trained:
+        per_token = {"token": w, "turn": w / (len(ids) - start), "conversation": w / total}[normalization]
+        for k in range(start, len(ids)):
+            pairs[(tuple(ids[:k]), ids[k], float(np.float32(per_token)))] += 1
+    units = {"token": total, "turn": len(trained), "conversation": int(bool(trained))}[normalization]
+    return pairs, units
 
 
 def tiny_qwen3():
