@@ -3,7 +3,7 @@ rarely produce: samples that are prefixes of others, trained ranges that overlap
 trained branches leaving one token."""
 
 import numpy as np
-from helpers.reference import n_pass_pairs, one_pass_pairs
+from helpers.reference import n_pass_pairs, one_pass_pairs, weighted_pairs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +34,7 @@ def as_row(layout):
         "labels": layout.labels,
         "position_ids": layout.position_ids,
         "mask_spec": {"seg_lens": layout.seg_lens, "seg_parents": layout.seg_parents},
+        "loss_weights": layout.loss_weights,
     }
 
 
@@ -44,7 +45,22 @@ def test_every_trained_pair_exactly_once(samples):
     assert one_pass_pairs(as_row(layout)) == n_pass_pairs(samples)
     assert layout.seg_lens.sum() == len(layout)
     assert all(0 <= p < s or p == -1 for s, p in enumerate(layout.seg_parents))
-    assert layout.n_pass_tokens == sum(len(ids) for ids, _ in samples)
+    assert layout.n_pass_tokens == sum(len(ids) for ids, start in samples if start < len(ids))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sample_sets(), st.data(), st.sampled_from(["token", "turn", "conversation"]))
+def test_every_trained_pair_carries_its_samples_loss_weight(samples, data, normalization):
+    """Weight-0 samples train nothing; the others' pairs carry the docs/FORMAT.md weight."""
+    weights = [data.draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])) for _ in samples]
+    layout = layout_samples(
+        [Sample(np.asarray(ids, np.int32), start, weight=w) for (ids, start), w in zip(samples, weights, strict=True)],
+        normalization,
+    )
+    expected, units = weighted_pairs(samples, weights, normalization)
+    assert one_pass_pairs(as_row(layout), with_weight=True) == expected
+    assert layout.loss_units == units
+    assert (layout.loss_weights[layout.labels == -100] == 0).all()
 
 
 def test_shared_prefix_is_laid_out_once():
