@@ -1,8 +1,10 @@
 """Map-style and streaming datasets over the shards of a finished run.
 
 Both yield rows shaped as in the Parquet file (``input_ids``, ``labels``, ``position_ids``
-as int32 numpy arrays, ``mask_spec`` as a dict of ``seg_lens`` and ``seg_parents``), so the
-collator also accepts rows read by other tools. Every row is validated before it is yielded.
+as int32 numpy arrays, ``loss_weights`` as a float32 array, ``loss_units`` as an int,
+``mask_spec`` as a dict of ``seg_lens`` and ``seg_parents``), so the collator also accepts rows
+read by other tools. Format v1 shards read with the loss columns v1 means (weight 1 per
+trained token, units = trained tokens). Every row is validated before it is yielded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from onepass_prep.format import (
+    SCHEMA,
     Source,
     list_columns,
     list_parts,
@@ -30,12 +33,15 @@ from onepass_prep.format import (
     read_row_group,
     resolve_shards,
     validate_batch,
+    with_loss_columns,
 )
 
 Row = dict[str, Any]
 
 _READ = ["input_ids", "position_ids", "labels", "mask_spec", "num_tokens", "num_trained_tokens"]
-_KEEP = ["input_ids", "position_ids", "labels", "mask_spec"]
+_LOSS = ["loss_weights", "loss_units"]  # format v2; derived for v1 shards
+_KEEP = ["input_ids", "position_ids", "labels", "mask_spec", *_LOSS]
+_CACHE_LAYOUT = 2  # in the cache file's name: a copy written with other columns is not reused
 
 
 class _Rows:
@@ -43,10 +49,12 @@ class _Rows:
 
     def __init__(self, batch: pa.RecordBatch | pa.Table) -> None:
         self.parts = {name: list_parts(array) for name, array in list_columns(batch).items()}
+        self.units = batch.column("loss_units").to_numpy()
         self.num_rows = batch.num_rows
 
     def __getitem__(self, i: int) -> Row:
         row: Row = {name: values[off[i] : off[i + 1]] for name, (off, values) in self.parts.items()}
+        row["loss_units"] = int(self.units[i])
         row["mask_spec"] = {"seg_lens": row.pop("seg_lens"), "seg_parents": row.pop("seg_parents")}
         return row
 
@@ -64,7 +72,8 @@ def arrow_cache(path: Path, cache_dir: Path) -> Path:
     carries the shard's path, size and mtime, so a rewritten shard gets a fresh copy.
     """
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_LAYOUT}"
+    key = hashlib.sha256(identity.encode()).hexdigest()
     target = cache_dir / f"{path.stem}-{key[:16]}.arrow"
     if target.exists():
         return target
@@ -73,21 +82,26 @@ def arrow_cache(path: Path, cache_dir: Path) -> Path:
     shard = open_shard(path)
     first_row = 0
     try:
-        with pa.ipc.new_file(tmp, _keep_schema(shard)) as out:
+        with pa.ipc.new_file(tmp, _KEEP_SCHEMA) as out:
             for group in range(shard.num_row_groups):
-                table = read_row_group(path, group, first_row, _READ)
-                validate_batch(table, path, first_row)
+                table = _read_checked(path, shard.schema_arrow.names, group, first_row)
                 first_row += table.num_rows
-                out.write_table(table.select(_KEEP))
+                out.write_table(table.select(_KEEP).cast(_KEEP_SCHEMA))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     return target
 
 
-def _keep_schema(shard: pq.ParquetFile) -> pa.Schema:
-    schema = shard.schema_arrow
-    return pa.schema([schema.field(name) for name in _KEEP])
+_KEEP_SCHEMA = pa.schema([SCHEMA.field(name) for name in _KEEP])
+
+
+def _read_checked(path: Path, names: list[str], group: int, first_row: int) -> pa.Table:
+    """A row group with the columns the rows need, validated, with the loss columns (derived
+    from the labels for a v1 shard, whose columns ``names`` lack them)."""
+    table = read_row_group(path, group, first_row, _READ + [c for c in _LOSS if c in names])
+    validate_batch(table, path, first_row)
+    return with_loss_columns(table)
 
 
 class OnePassDataset(Dataset):
@@ -161,8 +175,11 @@ class OnePassIterableDataset(IterableDataset):
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.epoch = 0
         self._units: list[tuple[int, int, int]] = []  # (file, row group, first row in file)
+        self._columns: list[list[str]] = []
         for file_index, path in enumerate(self.files):
-            meta = open_shard(path).metadata
+            shard = open_shard(path)
+            self._columns.append(shard.schema_arrow.names)
+            meta = shard.metadata
             first = 0
             for group in range(meta.num_row_groups):
                 self._units.append((file_index, group, first))
@@ -190,9 +207,7 @@ class OnePassIterableDataset(IterableDataset):
         for unit in order[consumer::consumers]:
             file_index, group, first_row = self._units[unit]
             path = self.files[file_index]
-            table = read_row_group(path, group, first_row, _READ)
-            validate_batch(table, path, first_row)
-            rows = _Rows(table)
+            rows = _Rows(_read_checked(path, self._columns[file_index], group, first_row))
             within = np.arange(rows.num_rows)
             if self.shuffle:
                 within = np.random.default_rng([self.seed, self.epoch, int(unit)]).permutation(within)

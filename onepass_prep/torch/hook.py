@@ -16,6 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.hooks import RemovableHandle
 
 from .collate import STRUCTURE_KEY
+from .loss import UNITS_KEY, WEIGHTS_KEY, plain_token_mean
 from .masks import block_mask, bool_mask, float_mask
 from .tree_attention import PLAN_KEY, TREE_ATTENTION, register_tree_attention, tree_plan
 
@@ -84,6 +85,13 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
     restarting position ids as packed documents and attend across branches. Call
     ``.remove()`` on the returned handle to use the model normally again (e.g. generation; after
     ``kind="tree"`` also set another attention implementation).
+
+    The hook also takes ``loss_weights`` and ``loss_units`` out of the call: the model never
+    sees them. If they are not the plain token mean (a trained weight other than 1, or a row's
+    units other than its trained tokens) it raises ``ValueError``: whatever computes the loss of
+    this call did not take the weights out of the batch, so it ignores them (the model's own
+    loss, Trainer's ``compute_loss_func``, SFTTrainer's fused head). ``onepass_loss`` through
+    ``forward_loss`` or ``onepass_trainer`` takes them out first.
     """
     if any(getattr(h, "onepass_mask_hook", False) for h in model._forward_pre_hooks.values()):
         raise ValueError("a mask hook is already installed on this model (the second would fail)")
@@ -102,9 +110,21 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
             raise ValueError("the mask hook needs the batch's position_ids (tree depths)")
         if kwargs.get("attention_mask") is not None:
             raise ValueError("the batch already has an attention_mask; the hook builds it")
+        _check_loss_columns(kwargs.pop(WEIGHTS_KEY, None), kwargs.pop(UNITS_KEY, None))
         kwargs.update(_structure_inputs(model, kwargs.pop(STRUCTURE_KEY), kind))
         return args, kwargs
 
     hook.onepass_mask_hook = True  # type: ignore[attr-defined]
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
+
+
+def _check_loss_columns(weights: torch.Tensor | None, units: torch.Tensor | None) -> None:
+    if weights is None or plain_token_mean(weights, units):
+        return
+    raise ValueError(
+        "this batch's loss_weights are not the plain token mean (loss normalization 'turn' or "
+        "'conversation', or message weights), and they reached the model: the loss of this call "
+        "ignores them. Compute it with onepass_prep.torch.forward_loss / onepass_loss in a plain "
+        "loop, or train with onepass_trainer(Trainer) / onepass_trainer(SFTTrainer)"
+    )

@@ -54,6 +54,38 @@ def n_pass(model: torch.nn.Module, samples: list[tuple[list[int], int]]) -> torc
     return total
 
 
+def n_pass_objective(
+    model: torch.nn.Module,
+    chats: list[list[tuple[list[int], int]]],
+    message_weights: list[list[float]],
+    normalization: str,
+) -> torch.Tensor:
+    """An optimizer step's loss as an N-pass trainer averages it, every sample in a forward
+    pass of its own (plain causal): the weighted token sum over the trained tokens (token), the
+    mean over trained samples of their weighted token means (turn), or over conversations with
+    trained tokens of their weighted token means (conversation). Weight 0: not trained."""
+    total, units = torch.zeros((), dtype=torch.float64), 0
+    for samples, weights in zip(chats, message_weights, strict=True):
+        conversation, conversation_tokens = torch.zeros((), dtype=torch.float64), 0
+        for (tokens, start), weight in zip(samples, weights, strict=True):
+            if weight == 0:
+                continue
+            ids = torch.tensor([tokens])
+            labels = ids.clone()
+            labels[:, :start] = -100
+            summed = summed_loss(model(input_ids=ids).logits, labels).double()
+            trained = len(tokens) - start
+            if normalization == "token":
+                total, units = total + weight * summed, units + trained
+            elif normalization == "turn":
+                total, units = total + weight * summed / trained, units + 1
+            else:
+                conversation, conversation_tokens = conversation + weight * summed, conversation_tokens + trained
+        if normalization == "conversation" and conversation_tokens:
+            total, units = total + conversation / conversation_tokens, units + 1
+    return total / units
+
+
 def gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad()
     loss.backward()

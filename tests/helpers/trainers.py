@@ -1,5 +1,6 @@
 """One-pass and N-pass training runs through transformers.Trainer or TRL SFTTrainer, compared
-step by step (losses, trained-token counts, final weights)."""
+step by step (losses, trained-token counts, final weights); and weighted one-pass runs
+(onepass_trainer) against N-pass steps taken by hand with plain SGD."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from onepass_prep.torch import MaskKind, OnePassCollator, OnePassDataset, install_mask_hook
+from helpers.torch_models import n_pass_objective
+from onepass_prep.torch import (
+    MaskKind,
+    OnePassCollator,
+    OnePassDataset,
+    install_mask_hook,
+    onepass_trainer,
+)
 
 Samples = Sequence[tuple[Sequence[int], int]]
 STEPS = 3
@@ -46,7 +54,7 @@ def recording(trainer_class: type[Trainer]) -> type[Trainer]:
     return Recording
 
 
-def common_args(out: Path) -> dict:
+def common_args(out: Path, **overrides) -> dict:
     """SGD, because Adam divides by the gradient's own size: on an embedding row with a
     near-zero gradient it turns float32 rounding into visible weight differences."""
     return dict(
@@ -54,21 +62,24 @@ def common_args(out: Path) -> dict:
         optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, report_to="none", save_strategy="no",
         use_cpu=True, train_sampling_strategy="sequential", disable_tqdm=True, logging_steps=1,
         remove_unused_columns=False,
-    )
+    ) | overrides
 
 
-def train(kind: str, model: torch.nn.Module, dataset, collate, out: Path, tokenizer=None):
+def train(kind: str, model: torch.nn.Module, dataset, collate, out: Path, tokenizer=None,
+          onepass: bool = False, **overrides):
+    """``kind`` "trainer" or "sft"; ``onepass``: through ``onepass_trainer``."""
+    wrap = onepass_trainer if onepass else (lambda base: base)
     if kind == "trainer":
-        trainer = recording(Trainer)(
-            model=model, args=TrainingArguments(**common_args(out)), train_dataset=dataset,
+        trainer = recording(wrap(Trainer))(
+            model=model, args=TrainingArguments(**common_args(out, **overrides)), train_dataset=dataset,
             data_collator=collate,
         )
     else:
         config = SFTConfig(  # bf16 (on by default) would compare at bf16 precision only
-            **common_args(out), dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-            bf16=False,
+            **common_args(out, **overrides), dataset_kwargs={"skip_prepare_dataset": True},
+            max_length=None, bf16=False,
         )
-        trainer = recording(SFTTrainer)(
+        trainer = recording(wrap(SFTTrainer))(
             model=model, args=config, train_dataset=dataset, data_collator=collate,
             processing_class=tokenizer,
         )
@@ -98,3 +109,46 @@ def compare_runs(kind: str, rows_source: Path, chats: Sequence[Samples], make_mo
     assert steps[0][0] != steps[-1][0]
     for name, value in ref_weights.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def sgd_reference(model: torch.nn.Module, steps: Sequence[tuple[list, list]], normalization: str,
+                  lr: float) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Plain SGD steps on the N-pass objective, each over ``(chats, message weights)``."""
+    losses = []
+    for chats, weights in steps:
+        loss = n_pass_objective(model, chats, weights, normalization)
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter -= lr * parameter.grad
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def compare_weighted(kind: str, folder: Path, steps: Sequence[tuple[list, list]], normalization: str,
+                     make_model, tmp_path: Path, tokenizer=None, accumulation: int = 2,
+                     batch: int = 1) -> None:
+    """onepass_trainer(kind) over the rows of ``folder`` (``batch`` rows per micro-batch,
+    ``accumulation`` micro-batches per step, in order; the last step takes what is left) == SGD on the N-pass objective of each
+    step's conversations: the loss of every step and every weight after the last."""
+    model = make_model()
+    reference_model = make_model()
+    reference_model.load_state_dict(model.state_dict())
+    install_mask_hook(model)
+    dataset = OnePassDataset(folder, cache_dir=tmp_path / "cache")
+    if kind == "sft":
+        dataset = datasets.Dataset.from_parquet([str(f) for f in dataset.files])
+    micro, weights = train(
+        kind, model, dataset, OnePassCollator(pad_to_multiple_of=16), tmp_path / "one", tokenizer,
+        onepass=True, gradient_accumulation_steps=accumulation, per_device_train_batch_size=batch,
+        max_steps=len(steps), max_grad_norm=0.0,
+    )
+    ref_losses, ref_weights = sgd_reference(reference_model, steps, normalization, lr=0.1)
+    step_losses = [sum(loss for loss, _ in micro[i : i + accumulation]) for i in range(0, len(micro), accumulation)]
+    assert len(step_losses) == len(steps)
+    np.testing.assert_allclose(step_losses, ref_losses, rtol=1e-5)
+    assert step_losses[0] != step_losses[-1]
+    for name, value in ref_weights.items():  # float32 sums in another order: relative to the tensor
+        scale = float(value.abs().max())
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5 * scale, msg=name)

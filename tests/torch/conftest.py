@@ -9,3 +9,11 @@ def no_onednn():
     torch.backends.mkldnn.enabled = False
     yield
     torch.backends.mkldnn.enabled = enabled
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SFTTrainer insists on a tokenizer object; the bundled offline Qwen one does."""
+    from onepass_prep.convert.tokenizer import load_tokenizer
+
+    return load_tokenizer("qwen").tokenizer

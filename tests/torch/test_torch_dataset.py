@@ -21,7 +21,7 @@ ROWS = 40
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     """40 rows in 4 shards of 10, row groups of 3: 16 row groups of uneven size."""
     rng = np.random.default_rng(0)
-    rows = [random_row(rng, int(rng.integers(1, 12))) for _ in range(ROWS)]
+    rows = [random_row(rng, int(rng.integers(1, 12)), weighted=True) for _ in range(ROWS)]
     folder = tmp_path_factory.mktemp("data") / "run"
     return write_run(folder, rows, rows_per_shard=10, rows_per_group=3), rows
 
@@ -36,6 +36,8 @@ def same_row(got: dict, want: dict) -> bool:
         all(list(got[k]) == want[k] for k in ("input_ids", "labels", "position_ids"))
         and list(spec["seg_lens"]) == want["mask_spec"]["seg_lens"]
         and list(spec["seg_parents"]) == want["mask_spec"]["seg_parents"]
+        and list(got["loss_weights"]) == want["loss_weights"]
+        and got["loss_units"] == want["loss_units"]
     )
 
 
@@ -96,6 +98,7 @@ def test_stream_without_shuffle_and_single_consumer_is_file_order(run) -> None:
     folder, rows = run
     dataset = OnePassIterableDataset(folder, shuffle=False)
     assert [key(r) for r in dataset] == [key(r) for r in rows]
+    assert all(same_row(got, want) for got, want in zip(dataset, rows, strict=True))
 
 
 def test_stream_takes_rank_from_torch_distributed(run, tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ def test_trap_without_mask_position_ids_read_as_packed_documents() -> None:
     """No 4D mask: transformers splits at every position reset and attends across branches."""
     samples, batch = workload()
     model = tiny_model("qwen3", "sdpa")
-    plain = {k: v for k, v in batch.items() if k != "subtree_end"}
+    plain = {k: v for k, v in batch.items() if k not in ("subtree_end", "loss_weights", "loss_units")}
     with torch.no_grad():
         reference = n_pass(model, samples)
         without = summed_loss(model(**plain).logits, batch["labels"])
@@ -77,7 +77,7 @@ def test_trap_eager_adds_a_bool_mask_as_numbers() -> None:
     """Eager adds a bool mask as 0/1 (silently wrong); the hook gives eager a float mask."""
     samples, batch = workload()
     eager, sdpa = tiny_model("qwen3", "eager"), tiny_model("qwen3", "sdpa")
-    inputs = {k: v for k, v in batch.items() if k != "subtree_end"}
+    inputs = {k: v for k, v in batch.items() if k not in ("subtree_end", "loss_weights", "loss_units")}
     with torch.no_grad():
         reference = n_pass(sdpa, samples)
         as_bool = eager(**inputs, attention_mask=bool_mask(batch["subtree_end"])).logits

@@ -24,7 +24,7 @@ def test_collator_pads_to_multiple_with_inert_tokens(multiple: int) -> None:
     longest = max(r["num_tokens"] for r in rows)
     length = batch["input_ids"].shape[1]
     assert length % multiple == 0 and longest <= length < longest + multiple
-    assert set(batch) == {"input_ids", "labels", "position_ids", "subtree_end"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "subtree_end", "loss_weights", "loss_units"}
     for b, row in enumerate(rows):
         n = row["num_tokens"]
         assert batch["input_ids"][b, :n].tolist() == row["input_ids"]
@@ -32,6 +32,11 @@ def test_collator_pads_to_multiple_with_inert_tokens(multiple: int) -> None:
         assert batch["position_ids"][b, :n].tolist() == row["position_ids"]
         assert (batch["labels"][b, n:] == -100).all()
         assert batch["subtree_end"][b, n:].tolist() == list(range(n, length))
+        assert batch["loss_weights"][b, :n].tolist() == row["loss_weights"]
+        assert (batch["loss_weights"][b, n:] == 0).all()
+        assert batch["loss_units"][b] == row["loss_units"]
+    weights = batch.pop("loss_weights")
+    assert weights.dtype == torch.float32 and batch["loss_units"].shape == (len(rows),)
     assert all(t.dtype == torch.int64 for t in batch.values())
 
 

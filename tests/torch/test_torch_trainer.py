@@ -19,22 +19,18 @@ from helpers.trainers import compare_runs
 from onepass_prep.torch import MaskKind, OnePassCollator
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+def synthetic_run(tmp_path_factory: pytest.TempPathFactory, version: int) -> tuple[Path, list]:
     """One conversation per row, in trainer order."""
     rng = np.random.default_rng(3)
     chats = [chat_samples(rng, turns) for turns in (3, 2, 4)]
     rows = [pack([chat], [f"c{i}"]) for i, chat in enumerate(chats)]
     folder = tmp_path_factory.mktemp("synthetic") / "run"
-    return write_run(folder, rows, rows_per_shard=2, rows_per_group=1), chats
+    return write_run(folder, rows, rows_per_shard=2, rows_per_group=1, version=version), chats
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """SFTTrainer insists on a tokenizer object; the bundled offline Qwen one does."""
-    from onepass_prep.convert.tokenizer import load_tokenizer
-
-    return load_tokenizer("qwen").tokenizer
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    return synthetic_run(tmp_path_factory, 2)
 
 
 @pytest.mark.parametrize("hook_kind", [None, "tree"], ids=["mask", "tree_attention"])
@@ -45,4 +41,13 @@ def test_trainer_follows_n_pass_run(kind: str, hook_kind: MaskKind | None, synth
     compare_runs(
         kind, folder, chats, lambda: tiny_model("qwen3", "sdpa"), tmp_path,
         OnePassCollator(pad_to_multiple_of=16), tokenizer, hook_kind,
+    )
+
+
+def test_v1_folder_trains_as_before(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """Format v1 (no loss columns): the plain Trainer, unchanged, follows the N-pass run."""
+    folder, chats = synthetic_run(tmp_path_factory, 1)
+    compare_runs(
+        "trainer", folder, chats, lambda: tiny_model("qwen3", "sdpa"), tmp_path,
+        OnePassCollator(pad_to_multiple_of=16),
     )

@@ -160,7 +160,7 @@ def test_missing_plan_or_a_mask_fails_loudly() -> None:
     _, batch = workload()
     model = tiny_model("qwen3", "sdpa")
     handle = install_mask_hook(model, kind="tree")
-    plain = {k: v for k, v in batch.items() if k != "subtree_end"}
+    plain = {k: v for k, v in batch.items() if k not in ("subtree_end", "loss_weights", "loss_units")}
     with pytest.raises(ValueError, match="subtree_end"):
         model(**plain)
     handle.remove()
