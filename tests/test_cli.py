@@ -22,18 +22,22 @@ def run(*args):
 
 def test_convert_writes_shards_manifest_and_summary(tmp_path, sample_path):
     out = tmp_path / "out"
-    result = run("convert", sample_path, "--model", "qwen", "-o", out, "--rows-per-shard", "2",
+    result = run("convert", sample_path, "--model", "qwen", "-o", out, "--records-per-shard", "6",
                  "--max-seq-len", "8192")
     assert result.exit_code == 0, result.output
     assert "tokens N-pass" in result.output and "saving" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     lines = sample_path.read_text(encoding="utf-8").splitlines()
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["counts"]["read"] == manifest["counts"]["written"] == len(lines)
     assert manifest["tokenizer"]["name"] == "qwen" and len(manifest["tokenizer"]["hash"]) == 64
     shards = sorted(out.glob("part-*.parquet"))
     assert [s["file"] for s in manifest["shards"]] == [s.name for s in shards]
-    assert len(shards) > 1 and all(s["rows"] <= 2 for s in manifest["shards"])
+    ids = [json.loads(line)["id"] for line in lines]
+    assert len(shards) == 6  # 36 records, 6 per shard: each shard packs its own records
+    for number, shard in enumerate(shards):
+        held = [i for row in pq.read_table(shard).column("conversation_ids").to_pylist() for i in row]
+        assert sorted(held) == sorted(ids[6 * number : 6 * number + 6])
     table = pq.read_table(shards)
     assert table.schema.field("input_ids").type == pa.list_(pa.int32())
     assert table.schema.field("mask_spec").type == pa.struct(

@@ -1,12 +1,13 @@
 """Where a run stands, so that an interrupted `convert` can be resumed to exactly the
 output an uninterrupted run would have written.
 
-The conversion is deterministic, and the packer empties its window at known points of
-the input ("sync points"): after one, the rows to come depend only on the lines still to
-read. Each time a shard is complete, `.progress.json` records the completed shards and
-the last sync point before them: the next line to read, the rows written by then, the
-length of `rejected.jsonl` and the counts. Resuming reads on from that line, drops the
-regenerated rows the completed shards already hold, and writes the rest.
+The input is converted in chunks of a fixed number of records, each packed on its own
+into the shard of its number (work.py), so a chunk's output depends on its records only.
+As each chunk is complete, in input order, `.progress.jsonl` gets a line: its shard, the
+length of `rejected.jsonl` and the run's counts by then (appended, so saving costs the
+same however long the run).
+Resuming drops any later shard and rejection, reads past the finished chunks and
+converts the rest.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from onepass_prep.format import LOCK, MANIFEST, REJECTED, lock_holder
 
-PROGRESS = ".progress.json"
+PROGRESS = ".progress.jsonl"  # the fingerprint, then one line per finished chunk
 
 
 class RunError(Exception):
@@ -27,21 +28,20 @@ class RunError(Exception):
 
 
 @dataclass
-class SyncPoint:
-    file: int = 0  # index into the inputs
-    line: int = 1  # next line to read there (1-based)
-    rows: int = 0  # rows produced before this point
-    rejected_bytes: int = 0  # length of rejected.jsonl at this point
-    counts: dict = field(default_factory=dict)  # the run's counts at this point
+class Done:
+    """The finished chunks 0 .. chunks - 1."""
+
+    chunks: int = 0
+    rejected_bytes: int = 0  # length of rejected.jsonl when they were done
+    counts: dict = field(default_factory=dict)  # the run's counts by then
+    shards: list[dict] = field(default_factory=list)
 
 
 @dataclass
 class Checkpoint:
     out_dir: Path
     fingerprint: dict
-    shards: list[dict] = field(default_factory=list)
-    sync: SyncPoint = field(default_factory=SyncPoint)
-    skip_rows: int = 0  # regenerated rows already in completed shards
+    done: Done = field(default_factory=Done)
     notes: list[str] = field(default_factory=list)  # things the user should hear of
 
     @classmethod
@@ -84,27 +84,39 @@ class Checkpoint:
 
     @classmethod
     def _resume(cls, out_dir: Path, fingerprint: dict) -> Checkpoint:
-        saved = json.loads((out_dir / PROGRESS).read_text(encoding="utf-8"))
+        lines = (out_dir / PROGRESS).read_bytes().splitlines(keepends=True)
+        saved = json.loads(lines[0])
         if saved["fingerprint"] != fingerprint:
             changed = sorted(k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k])
             raise RunError(f"cannot resume {out_dir}: {', '.join(changed)} changed since the run began")
-        shards, sync = saved["shards"], SyncPoint(**saved["sync"])
-        keep = {shard["file"] for shard in shards}
+        done = Done()
+        for line in lines[1:]:
+            if not line.endswith(b"\n"):
+                break  # cut short by the interruption
+            entry = json.loads(line)
+            done = Done(entry["chunk"] + 1, entry["rejected_bytes"], entry["counts"], [*done.shards, entry["shard"]])
+        with open(out_dir / PROGRESS, "r+b") as progress:
+            progress.truncate(sum(map(len, lines[: len(done.shards) + 1])))
+        keep = {shard["file"] for shard in done.shards}
         for path in out_dir.iterdir():
             if path.name.startswith("part-") and path.name not in keep:
                 path.unlink()  # an unfinished shard, or one finished after the last save
         with open(out_dir / REJECTED, "r+b") as rejected:
-            rejected.truncate(sync.rejected_bytes)
-        skip = sum(shard["rows"] for shard in shards) - sync.rows
-        return cls(out_dir, fingerprint, shards, sync, skip)
+            rejected.truncate(done.rejected_bytes)
+        return cls(out_dir, fingerprint, done)
 
-    def save(self, shards: list[dict]) -> None:
-        """Called as each shard is completed."""
-        self.shards = shards
-        state = {"fingerprint": self.fingerprint, "shards": shards, "sync": asdict(self.sync)}
-        temporary = self.out_dir / (PROGRESS + ".tmp")
-        temporary.write_text(json.dumps(state), encoding="utf-8")
-        os.replace(temporary, self.out_dir / PROGRESS)
+    def begin(self) -> None:
+        """Start the progress file of a fresh run."""
+        if not self.done.chunks:
+            line = json.dumps({"fingerprint": self.fingerprint}) + "\n"
+            (self.out_dir / PROGRESS).write_text(line, encoding="utf-8")
+
+    def save(self, shard: dict, rejected_bytes: int, counts: dict) -> None:
+        """Called as each chunk is complete, in input order."""
+        entry = {"chunk": self.done.chunks, "shard": shard, "rejected_bytes": rejected_bytes, "counts": counts}
+        with open(self.out_dir / PROGRESS, "a", encoding="utf-8") as progress:
+            progress.write(json.dumps(entry) + "\n")
+        self.done = Done(self.done.chunks + 1, rejected_bytes, counts, [*self.done.shards, shard])
 
     def finish(self) -> None:
         (self.out_dir / PROGRESS).unlink(missing_ok=True)

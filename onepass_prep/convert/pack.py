@@ -1,23 +1,20 @@
 """Pack laid-out conversations into rows of at most `max_len` tokens.
 
-Best-fit decreasing over a bounded window keeps rows full while the conversion still
-streams: the window holds about `WINDOW_ROWS` rows' worth of tokens (measured on the
-benchmark data at 32k tokens per row: 16 rows fill 93%, 64 rows 98%, 128 rows 99%). The
-output depends only on the input order, never on timing.
+A shard's conversations (one chunk of the input, see work.py) are packed together by
+best-fit decreasing, which fills rows well once a chunk holds many rows' worth of tokens
+(on the benchmark data at 32k tokens per row: 16 rows' worth fill 93%, 64 rows' 98%, 128
+rows' 99%). The rows depend only on the chunk's conversations and their order.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from onepass_prep.convert.tree import Layout
 from onepass_prep.format import IGNORE_INDEX
-
-WINDOW_ROWS = 64
 
 
 @dataclass
@@ -78,30 +75,9 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(
-    items: Iterable[tuple[str, Layout]], max_len: int, enabled: bool = True
-) -> Iterator[list[Row]]:
-    """Rows in a deterministic order, in groups that use up every item taken so far.
-
-    The end of a group is a point where no item is held back (see checkpoint.py). With
-    `enabled` False, each conversation is a row and a group of its own.
-    """
+def pack(items: list[tuple[str, Layout]], max_len: int, enabled: bool = True) -> list[Row]:
+    """Rows in a deterministic order; with `enabled` False, one row per conversation."""
     if not enabled:
-        for item in items:
-            yield [join([item])]
-        return
-    buffer: list[tuple[str, Layout]] = []
-    buffered = 0
-    for item in items:
-        buffer.append(item)
-        buffered += len(item[1])
-        if buffered >= WINDOW_ROWS * max_len:
-            yield _flush(buffer, max_len)
-            buffer, buffered = [], 0
-    if buffer:
-        yield _flush(buffer, max_len)
-
-
-def _flush(buffer: list[tuple[str, Layout]], max_len: int) -> list[Row]:
-    bins = best_fit_decreasing([len(layout) for _, layout in buffer], max_len)
-    return [join([buffer[index] for index in group]) for group in bins]
+        return [join([item]) for item in items]
+    bins = best_fit_decreasing([len(layout) for _, layout in items], max_len)
+    return [join([items[index] for index in group]) for group in bins]

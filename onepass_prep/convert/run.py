@@ -8,18 +8,17 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from onepass_prep import __version__
-from onepass_prep.convert.checkpoint import Checkpoint, RunError, SyncPoint
-from onepass_prep.convert.pack import pack
+from onepass_prep.convert.checkpoint import Checkpoint, RunError
+from onepass_prep.convert.ray_engine import ray_chunk_results
 from onepass_prep.convert.render import Renderer
-from onepass_prep.convert.shards import ShardWriter, write_manifest
+from onepass_prep.convert.shards import write_manifest
 from onepass_prep.convert.tokenizer import LoadedTokenizer, load_tokenizer
-from onepass_prep.convert.tree import Layout
-from onepass_prep.convert.work import Converted, Rules, ordered_results, read_batches
+from onepass_prep.convert.work import Rules, chunk_results, finish_chunk, read_chunks
 from onepass_prep.format import FORMAT_NAME, FORMAT_VERSION, NORMALIZATIONS, REJECTED, TRAIN_ON
 
 
@@ -37,8 +36,10 @@ class ConvertOptions:
     train_on: str = "all"  # or "last"
     loss_normalization: str = "token"  # or "turn", "conversation" (docs/FORMAT.md, "Loss")
     pack: bool = True
-    rows_per_shard: int = 1000
-    num_proc: int = 1
+    records_per_shard: int = 4096  # input records per chunk: the unit of packing and of shards
+    num_proc: int = 1  # worker processes, or Ray workers with engine "ray"
+    engine: str = "local"  # or "ray" (docs/scaling.md)
+    ray_address: str | None = None  # a running Ray cluster to join; a local one is started otherwise
     overwrite: bool = False
     resume: bool = False
     strict: bool = False
@@ -134,11 +135,8 @@ def _sha256(path: Path) -> str:
 def _fingerprint(options: ConvertOptions, inputs: list[Input], tokenizer_hash: str) -> dict:
     """What must not change between an interrupted run and its resumption: the inputs by
     what they point to and what they hold, the options, the tokenizer."""
-    values = _option_values(options)
-    for free in ("overwrite", "resume", "num_proc", "strict"):
-        values.pop(free)
     return {
-        "options": values,
+        "options": _output_options(options),
         "inputs": [[str(i.path), i.bytes, i.sha256] for i in inputs],
         "tokenizer": tokenizer_hash,
         "tool_version": __version__,
@@ -187,56 +185,38 @@ def _convert(
     run: Checkpoint,
 ) -> ConvertSummary:
     summary = ConvertSummary(max_seq_len=options.max_seq_len, notes=run.notes)
-    _restore_counts(summary, run.sync.counts)
-    writer = ShardWriter(out_dir, options.rows_per_shard, run.shards, run.save)
-    file_index = {file.name: index for index, file in enumerate(files)}
-    position = (run.sync.file, run.sync.line)
-
+    _restore_counts(summary, run.done.counts)
+    run.begin()
+    rules = Rules(
+        options.think_tags, options.max_seq_len, options.train_on,
+        options.loss_normalization,  # type: ignore[arg-type]  # checked in convert()
+    )
+    sources = [(file.path, file.name) for file in files]
+    chunks = read_chunks(sources, options.records_per_shard, run.done.chunks, progress)
+    paths = {file.name: file.path for file in files}
+    if options.engine == "ray":
+        results = ray_chunk_results(
+            chunks, renderer, options.model, rules, out_dir, options.pack, options.num_proc, options.ray_address
+        )
+    else:
+        results = (
+            finish_chunk(chunk, found, out_dir, options.max_seq_len, options.pack)
+            for chunk, found in chunk_results(chunks, renderer, options.model, rules, options.num_proc)
+        )
     with open(out_dir / REJECTED, "ab") as rejected:
-
-        def converted() -> Iterator[tuple[str, Layout]]:
-            nonlocal position
-            sources = [(file.path, file.name) for file in files]
-            batches = read_batches(sources, run.sync.file, run.sync.line, progress)
-            rules = Rules(
-                options.think_tags, options.max_seq_len, options.train_on,
-                options.loss_normalization,  # type: ignore[arg-type]  # checked in convert()
-            )
-            work = ordered_results(batches, renderer, options.model, rules, options.num_proc)
-            for batch, results in work:
-                progress(sum(len(raw) for _, _, raw in batch))
-                for result in results:
-                    position = (file_index[result.source], result.line + 1)
-                    summary.read += 1
-                    if isinstance(result, Converted):
-                        summary.written += 1
-                        summary.reasoning_turns += result.reasoning_turns
-                        summary.reasoning_dropped += result.reasoning_dropped
-                        yield result.id, result.layout
-                        continue
-                    if options.strict:
-                        path = files[file_index[result.source]].path
-                        raise StrictError(f"{path}:{result.line}: {result.reason}")
-                    summary.rejected += 1
-                    summary.rejected_by_kind[result.kind] += 1
-                    rejected.write((json.dumps(result.to_json(), ensure_ascii=False) + "\n").encode())
-
-        for group in pack(converted(), options.max_seq_len, options.pack):
-            for row in group:
-                summary.rows += 1
-                summary.one_pass_tokens += len(row)
-                summary.n_pass_tokens += row.n_pass_tokens
-                summary.trained_tokens += row.num_trained
-                if run.skip_rows:
-                    run.skip_rows -= 1  # already in a shard the interrupted run completed
-                else:
-                    writer.write(row)
+        for done in results:
+            if options.strict and done.rejections:
+                bad = done.rejections[0]
+                raise StrictError(f"{paths[bad.source]}:{bad.line}: {bad.reason}")
+            for rejection in done.rejections:
+                rejected.write((json.dumps(rejection.to_json(), ensure_ascii=False) + "\n").encode())
             rejected.flush()
-            run.sync = SyncPoint(*position, summary.rows, rejected.tell(), _counts(summary))
-    shards = writer.close()
-    summary.shards = len(shards)
+            _add_counts(summary, done.counts)
+            run.save(done.shard, rejected.tell(), _counts(summary))
+            progress(done.size)
+    summary.shards = len(run.done.shards)
     reasoning_field = renderer.reasoning_field(options.chat_template_kwargs)
-    write_manifest(out_dir, _manifest(loaded, reasoning_field, options, files, shards, summary))
+    write_manifest(out_dir, _manifest(loaded, reasoning_field, options, files, run.done.shards, summary))
     run.finish()
     return summary
 
@@ -259,8 +239,19 @@ def _restore_counts(summary: ConvertSummary, counts: dict) -> None:
     summary.rejected_by_kind.update(counts.get("rejected_by_kind", {}))
 
 
-def _option_values(options: ConvertOptions) -> dict:
-    values = asdict(options)
+def _add_counts(summary: ConvertSummary, counts: dict) -> None:
+    for name in COUNTED:
+        setattr(summary, name, getattr(summary, name) + counts[name])
+    summary.rejected_by_kind.update(counts["rejected_by_kind"])
+
+
+# Options that say how the work is done, not what it produces: left out of the manifest
+# (its bytes are the same whatever they are) and free to change on --resume.
+HOW = ("overwrite", "resume", "num_proc", "strict", "engine", "ray_address")
+
+
+def _output_options(options: ConvertOptions) -> dict:
+    values = {name: value for name, value in asdict(options).items() if name not in HOW}
     values["chat_template"] = str(options.chat_template) if options.chat_template else None
     values["think_tags"] = list(options.think_tags)
     return values
@@ -280,7 +271,7 @@ def _manifest(
             "chat_template": loaded.tokenizer.chat_template,
             "reasoning_field": reasoning_field,
         },
-        "options": _option_values(options),
+        "options": _output_options(options),
         "input_base": str(Path(os.path.commonpath([file.path.parent for file in inputs]))),
         "inputs": [{"name": file.name, "bytes": file.bytes, "sha256": file.sha256} for file in inputs],
         "shards": shards,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,63 +47,21 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-class ShardWriter:
-    """Cuts a stream of rows into shards of `rows_per_shard` rows.
-
-    `shards` lists shards an earlier, interrupted run completed; `on_shard` hears of each
-    shard as soon as it is complete under its final name.
-    """
-
-    def __init__(
-        self,
-        out_dir: Path,
-        rows_per_shard: int,
-        shards: list[dict] | None = None,
-        on_shard: Callable[[list[dict]], None] = lambda _shards: None,
-    ):
-        self.out_dir = out_dir
-        self.rows_per_shard = rows_per_shard
-        self.shards: list[dict] = list(shards or [])
-        self.on_shard = on_shard
-        self._pending: list[Row] = []
-        self._writer: pq.ParquetWriter | None = None
-        self._rows = self._tokens = 0
-
-    def write(self, row: Row) -> None:
-        self._pending.append(row)
-        if len(self._pending) >= ROW_GROUP_ROWS or self._rows + len(self._pending) >= self.rows_per_shard:
-            self._write_pending()
-        if self._rows >= self.rows_per_shard:
-            self._finish_shard()
-
-    def close(self) -> list[dict]:
-        self._write_pending()
-        self._finish_shard()
-        return self.shards
-
-    def _temporary_path(self) -> Path:
-        return self.out_dir / (shard_name(len(self.shards)) + ".tmp")
-
-    def _write_pending(self) -> None:
-        if not self._pending:
-            return
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._temporary_path(), SCHEMA, compression="zstd")
-        self._writer.write_table(rows_to_table(self._pending), row_group_size=ROW_GROUP_ROWS)
-        self._rows += len(self._pending)
-        self._tokens += sum(len(row) for row in self._pending)
-        self._pending = []
-
-    def _finish_shard(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        self._writer = None
-        name = shard_name(len(self.shards))
-        os.replace(self._temporary_path(), self.out_dir / name)
-        self.shards.append({"file": name, "rows": self._rows, "tokens": self._tokens})
-        self._rows = self._tokens = 0
-        self.on_shard(self.shards)
+def write_shard(out_dir: Path, index: int, rows: list[Row]) -> dict:
+    """Write shard `index` (every row of one input chunk; none if the chunk converted
+    nothing, so shard numbers stay those of the chunks) under a temporary name, then
+    rename it: a file under its final name is complete. The same rows give the same bytes,
+    so a chunk written twice (a retried or resumed one) leaves the same file."""
+    name = shard_name(index)
+    temporary = out_dir / f"{name}.tmp{os.getpid()}"
+    try:
+        with pq.ParquetWriter(temporary, SCHEMA, compression="zstd") as writer:
+            for first in range(0, len(rows), ROW_GROUP_ROWS):
+                writer.write_table(rows_to_table(rows[first : first + ROW_GROUP_ROWS]), row_group_size=ROW_GROUP_ROWS)
+        os.replace(temporary, out_dir / name)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return {"file": name, "rows": len(rows), "tokens": sum(len(row) for row in rows)}
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:

@@ -8,15 +8,17 @@ import multiprocessing
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from onepass_prep.convert.loss import Normalization
+from onepass_prep.convert.pack import pack
 from onepass_prep.convert.records import BadRecord, Conversation, Rejection, parse_line
 from onepass_prep.convert.render import Rendered, Renderer, Sample
+from onepass_prep.convert.shards import write_shard
 from onepass_prep.convert.tokenizer import load_tokenizer
 from onepass_prep.convert.tree import Layout, layout_samples
 
@@ -136,27 +138,99 @@ def _work(lines: list[Line]) -> list[Converted | Rejection]:
     return convert_lines(lines, _worker["renderer"], _worker["rules"])
 
 
-def read_batches(
-    inputs: list[tuple[Path, str]], first_file: int, first_line: int, skipped: Callable[[int], None]
-) -> Iterator[list[Line]]:
-    """Lines in input order from (first_file, first_line), about a megabyte at a time,
-    each with its file's name in the output."""
-    batch: list[Line] = []
-    size = 0
-    for index, (path, name) in enumerate(inputs[first_file:], start=first_file):
-        start = first_line if index == first_file else 1
+@dataclass
+class Chunk:
+    """`records` consecutive input records (lines, blank ones included), in batches: the
+    unit of packing and of shard naming, so the output does not depend on how chunks are
+    scheduled (one process, worker processes or a Ray cluster)."""
+
+    index: int
+    batches: list[list[Line]]
+
+    @property
+    def size(self) -> int:
+        return sum(len(raw) for batch in self.batches for _, _, raw in batch)
+
+
+def read_chunks(
+    inputs: list[tuple[Path, str]], records: int, first_chunk: int, skipped: Callable[[int], None]
+) -> Iterator[Chunk]:
+    """The input, file after file, cut into chunks of `records` records (the last may be
+    shorter), each in batches of about a megabyte; chunks before `first_chunk` are read
+    past (their bytes reported to `skipped`)."""
+    index, number, batches, batch, size = 0, 0, [], [], 0
+    for path, name in inputs:
         with open(path, "rb") as handle:
             for line_number, raw in enumerate(handle, start=1):
-                if line_number < start:
+                number += 1
+                if index < first_chunk:
                     skipped(len(raw))
-                    continue
-                batch.append((name, line_number, raw))
-                size += len(raw)
-                if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
-                    yield batch
-                    batch, size = [], 0
-    if batch:
-        yield batch
+                else:
+                    batch.append((name, line_number, raw))
+                    size += len(raw)
+                    if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
+                        batches.append(batch)
+                        batch, size = [], 0
+                if number == records:
+                    if index >= first_chunk:
+                        yield Chunk(index, batches + [batch] * bool(batch))
+                    index, number, batches, batch, size = index + 1, 0, [], [], 0
+    if number and index >= first_chunk:
+        yield Chunk(index, batches + [batch] * bool(batch))
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk adds to the run: its shard (already written), its rejections in input
+    order, and its counts (run.py's COUNTED)."""
+
+    index: int
+    shard: dict
+    rejections: list[Rejection]
+    counts: dict
+    size: int  # input bytes, for progress
+
+
+def finish_chunk(
+    chunk: Chunk, results: list[Converted | Rejection], out_dir: Path, max_seq_len: int, packed: bool
+) -> ChunkResult:
+    """Pack a chunk's conversations and write its shard: the same bytes wherever it runs."""
+    converted = [result for result in results if isinstance(result, Converted)]
+    rows = pack([(result.id, result.layout) for result in converted], max_seq_len, packed)
+    rejections = [result for result in results if isinstance(result, Rejection)]
+    counts = {
+        "read": len(results), "written": len(converted), "rejected": len(rejections),
+        "rejected_by_kind": dict(Counter(rejection.kind for rejection in rejections)),
+        "rows": len(rows), "one_pass_tokens": sum(len(row) for row in rows),
+        "n_pass_tokens": sum(row.n_pass_tokens for row in rows),
+        "trained_tokens": sum(row.num_trained for row in rows),
+        "reasoning_turns": sum(result.reasoning_turns for result in converted),
+        "reasoning_dropped": sum(result.reasoning_dropped for result in converted),
+    }
+    return ChunkResult(chunk.index, write_shard(out_dir, chunk.index, rows), rejections, counts, chunk.size)
+
+
+def chunk_results(
+    chunks: Iterator[Chunk], renderer: Renderer, model: str, rules: Rules, num_proc: int
+) -> Iterator[tuple[Chunk, list[Converted | Rejection]]]:
+    """Each chunk with the results of its lines, in input order."""
+    pending: deque[Chunk] = deque()
+
+    def batches() -> Iterator[list[Line]]:
+        for chunk in chunks:
+            pending.append(chunk)
+            yield from chunk.batches
+
+    results: list[Converted | Rejection] = []
+    done = 0
+    for _, found in ordered_results(batches(), renderer, model, rules, num_proc):
+        results += found
+        done += 1
+        while pending and done == len(pending[0].batches):
+            yield pending.popleft(), results
+            results, done = [], 0
+    while pending:  # chunks without lines (an empty file at the end) have no batches
+        yield pending.popleft(), []
 
 
 def ordered_results(

@@ -44,7 +44,7 @@ def convert(*args: object):
 
 def command(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "onepass_prep.cli", "convert", str(data), "--model", "qwen", "-o", str(out),
-            "--rows-per-shard", "3", "--max-seq-len", "4096", *extra]
+            "--records-per-shard", "100", "--max-seq-len", "4096", *extra]
 
 
 def test_hostile_records_are_rejections_and_the_good_ones_stay_exact(tmp_path):

@@ -126,7 +126,7 @@ def test_stats_table_and_histogram():
 
 
 def test_stats_of_one_shard_and_errors(tmp_path):
-    out = converted("two-shards", "--no-pack", "--rows-per-shard", "20")
+    out = converted("two-shards", "--no-pack", "--records-per-shard", "20")
     first = stats_json(out / "part-00000.parquet")
     second = stats_json(out / "part-00001.parquet")
     assert (first["rows"], second["rows"]) == (20, len(rows(out)) - 20)

@@ -219,7 +219,7 @@ def test_input_that_is_not_the_converted_one(tmp_path):
 
 
 def test_verify_one_shard_checks_its_conversations():
-    out = converted("two-shards", "--no-pack", "--rows-per-shard", "20")
+    out = converted("two-shards", "--no-pack", "--records-per-shard", "20")
     result = verify(out / "part-00001.parquet")
     assert result.exit_code == 0, result.output
     table = pq.read_table(out / "part-00001.parquet").to_pylist()
