@@ -33,7 +33,7 @@ from onepass_prep.convert.tokenizer import load_tokenizer, qwen_tokenizer_dir  #
 from onepass_prep.convert.work import Rules, layout_conversation  # noqa: E402
 
 THINK = ("<think>", "</think>")
-SECTIONS = "conversion,packing,growth,training,memory,hostile"
+SECTIONS = "conversion,packing,growth,training,memory,hostile,engines"
 
 
 def timed(function, repeats: int = 1) -> float:
@@ -292,6 +292,37 @@ def hostile(line_mb: int) -> dict:
         }
 
 
+def engines(count: int, records_per_shard: int) -> dict:
+    """Wall time of the same `convert` on the local engine (1 process) and on a local Ray
+    cluster the run starts with 1 and 2 workers (same bytes, checked), and Ray's start-up
+    cost: the same runs on a 10-chat input."""
+    def run(data: Path, out: Path, *extra: str) -> float:
+        command = [sys.executable, "-m", "onepass_prep.cli", "convert", str(data), "--model", "qwen",
+                   "-o", str(out), "--records-per-shard", str(records_per_shard), *extra]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    arms = {"local": (), "ray_1": ("--engine", "ray", "--num-proc", "1"), "ray_2": ("--engine", "ray", "--num-proc", "2")}
+    with tempfile.TemporaryDirectory() as folder:
+        data = synth.write(Path(folder) / "d.jsonl", count, seed=13, turns=2, scale=0.2)
+        tiny = synth.write(Path(folder) / "tiny.jsonl", 10, seed=13, turns=2, scale=0.2)
+        seconds = {name: run(data, Path(folder) / name, *extra) for name, extra in arms.items()}
+        startup = {name: run(tiny, Path(folder) / f"tiny-{name}", *extra) for name, extra in arms.items()}
+        outputs = {name: sorted((p.name, p.read_bytes()) for p in (Path(folder) / name).iterdir()) for name in arms}
+    assert outputs["local"] == outputs["ray_1"] == outputs["ray_2"], "the engines wrote different bytes"
+    return {
+        "conversations": count,
+        "seconds": seconds,
+        "startup_seconds": startup,
+        "ray_1_vs_local": seconds["local"] / seconds["ray_1"],
+        "ray_2_vs_local": seconds["local"] / seconds["ray_2"],
+        "ray_2_vs_ray_1": seconds["ray_1"] / seconds["ray_2"],
+        "ray_startup_over_local": startup["ray_2"] - startup["local"],
+        "conversations_per_second_local": count / seconds["local"],
+    }
+
+
 def packing(data: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
         summary = convert([data], Path(out), ConvertOptions(model="qwen", max_seq_len=32768))
@@ -343,6 +374,9 @@ def main() -> None:
     if "hostile" in only:
         print("hostile ...", flush=True)
         results["hostile"] = hostile(5 if quick else 50)
+    if "engines" in only:
+        print("engines ...", flush=True)
+        results["engines"] = engines(40 if quick else 2000, 10 if quick else 250)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
 
@@ -369,6 +403,11 @@ def report(results: dict) -> str:
     if "hostile" in results:
         h = results["hostile"]
         lines.append(f"| convert peak RSS / seconds, 200 chats and one {h['line_mb']} MB line (rejected too-long) | {h['peak_rss_mb']:.0f} MB / {h['seconds']:.1f} s | < 1.5 GB |")
+    if "engines" in results:
+        e = results["engines"]
+        lines.append(f"| convert {e['conversations']:,} chats: Ray 1 worker / Ray 2 workers vs local engine (same bytes) | {e['ray_1_vs_local']:.2f}x / {e['ray_2_vs_local']:.2f}x | |")
+        lines.append(f"| Ray 2 workers vs 1 worker | {e['ray_2_vs_ray_1']:.2f}x | |")
+        lines.append(f"| Ray start-up (10 chats: Ray 2 workers minus local) | {e['ray_startup_over_local']:.1f} s | |")
     lines += [
         "",
         "| turns | tokens per chat, one-pass / N-pass | ratio | attention pairs per chat (millions), one-pass / N-pass | ratio |",

@@ -1,0 +1,94 @@
+"""`--engine ray` on a local Ray cluster the run starts (2 CPUs): the same bytes as the
+local engine, with 1 and 2 workers, when a worker is killed mid-run, and after an
+interrupted run is resumed. Real processes throughout: the CLI, Ray's workers, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import synth
+from helpers.paths import ROOT
+
+pytest.importorskip("ray")
+
+
+def command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "onepass_prep.cli", "convert", str(data), "--model", "qwen", "-o", str(out),
+            "--records-per-shard", "40", "--max-seq-len", "4096", *extra]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """An input with a rejection in every chunk, converted by the local engine."""
+    folder = tmp_path_factory.mktemp("ray")
+    data = synth.write(folder / "chats.jsonl", 400, seed=8, turns=2, scale=0.08)
+    lines = data.read_bytes().splitlines(keepends=True)
+    data.write_bytes(b"".join(b"{oops\n" + line if i % 37 == 0 else line for i, line in enumerate(lines)))
+    out = folder / "local"
+    subprocess.run(command(data, out), cwd=ROOT, check=True, capture_output=True)
+    return data, folder_bytes(out)
+
+
+def wait_for_shards(process: subprocess.Popen, out: Path, count: int) -> None:
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("part-*.parquet"))) < count:
+        assert process.poll() is None, "finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ray_writes_the_local_engines_bytes(local, tmp_path, workers):
+    data, expected = local
+    out = tmp_path / "out"
+    done = subprocess.run(command(data, out, "--engine", "ray", "--num-proc", workers), cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert folder_bytes(out) == expected
+    assert len(expected) > 10  # many shards, the manifest and rejected.jsonl
+
+
+def ray_workers() -> list[int]:
+    """Pids of the processes running our Ray actors."""
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "ray::ChunkConverter" in line]
+
+
+def test_a_killed_worker_is_replaced_and_the_bytes_do_not_change(local, tmp_path):
+    data, expected = local
+    out = tmp_path / "out"
+    process = subprocess.Popen(command(data, out, "--engine", "ray", "--num-proc", "2"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_shards(process, out, 1)
+    victims = ray_workers()
+    assert victims
+    os.kill(victims[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr.decode()
+    assert folder_bytes(out) == expected
+
+
+def test_an_interrupted_ray_run_resumes_to_the_same_bytes(local, tmp_path):
+    data, expected = local
+    out = tmp_path / "out"
+    process = subprocess.Popen(command(data, out, "--engine", "ray", "--num-proc", "2"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_shards(process, out, 3)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert not (out / "manifest.json").exists()
+    finished = subprocess.run(command(data, out, "--engine", "ray", "--num-proc", "2", "--resume"), cwd=ROOT,
+                              capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert folder_bytes(out) == expected
