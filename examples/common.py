@@ -13,6 +13,9 @@ def parse_args(doc: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("out_dir", type=Path, help="output folder of `onepass-prep convert`")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps")
+    parser.add_argument(
+        "--accumulation", type=int, default=2, help="gradient-accumulation micro-batches per step"
+    )
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     parser.add_argument(
         "--model", help="a causal LM to load with from_pretrained (default: tiny random Qwen3)"

@@ -3,15 +3,28 @@
     .venv/bin/pip install -e '.[examples]'      # once, after the README's set-up
     onepass-prep convert sample_data/chats.jsonl --model qwen --max-seq-len 2048 -o out/sample
     python examples/train_plain.py out/sample
+
+Any loss normalization (`convert --loss-normalization token|turn|conversation`) and message
+weights train exactly: each micro-batch's weighted loss is divided by the whole step's
+`loss_units` (docs/training.md, "The loss").
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from common import load_model, parse_args
 from torch.utils.data import DataLoader
 
-from onepass_prep.torch import OnePassCollator, OnePassDataset, check_vocab_size, install_mask_hook
+from onepass_prep.torch import (
+    OnePassCollator,
+    OnePassDataset,
+    check_vocab_size,
+    forward_loss,
+    install_mask_hook,
+    step_denominator,
+)
 
 
 def main() -> None:
@@ -22,15 +35,26 @@ def main() -> None:
     install_mask_hook(model)  # model(**batch) now builds the tree mask on the model's device
     loader = DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=OnePassCollator())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # Under DDP, which averages gradients over ranks, scale each loss by the world size:
+    # step_denominator already sums the units of every rank.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if distributed else 1
     model.train()
-    for step, batch in zip(range(args.steps), loader, strict=False):  # at most one epoch
-        batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
-        loss = model(**batch).loss  # mean over the batch's trained tokens
-        loss.backward()
+    batches = iter(loader)
+    for step in range(args.steps):  # at most one epoch
+        micro = list(itertools.islice(batches, args.accumulation))
+        if not micro:
+            break
+        denominator = step_denominator(micro)  # the step's loss_units (all ranks under DDP)
+        step_loss = 0.0
+        for batch in micro:
+            batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+            loss, _ = forward_loss(model, batch, denominator)  # the model never sees the weights
+            (loss * world).backward()
+            step_loss += loss.item()
         optimizer.step()
         optimizer.zero_grad()
-        trained = int((batch["labels"] != -100).sum())
-        print(f"step {step}: loss {loss.item():.4f} over {trained} trained tokens")
+        print(f"step {step}: loss {step_loss:.4f} over {int(denominator)} loss units")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,13 @@ from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from onepass_prep.convert.tokenizer import qwen_tokenizer_dir
-from onepass_prep.torch import OnePassCollator, OnePassDataset, check_vocab_size, install_mask_hook
+from onepass_prep.torch import (
+    OnePassCollator,
+    OnePassDataset,
+    check_vocab_size,
+    install_mask_hook,
+    onepass_trainer,
+)
 
 
 def main() -> None:
@@ -33,6 +39,7 @@ def main() -> None:
         output_dir=tempfile.mkdtemp(),
         max_steps=args.steps,
         per_device_train_batch_size=1,
+        gradient_accumulation_steps=args.accumulation,
         learning_rate=1e-3,
         logging_steps=1,
         save_strategy="no",
@@ -42,7 +49,9 @@ def main() -> None:
         max_length=None,  # rows are laid out whole; truncating would cut branches
         use_cpu=not torch.cuda.is_available(),  # SFTConfig turns bf16 on, which wants this on CPU
     )
-    SFTTrainer(
+    # onepass_trainer: the loss the rows' loss_weights and loss_units encode (from the logits;
+    # SFTTrainer's own fused-head loss would ignore the weights, and is refused on weighted data).
+    onepass_trainer(SFTTrainer)(
         model=model, args=config, train_dataset=dataset, data_collator=OnePassCollator(),
         processing_class=tokenizer,
     ).train()

@@ -12,7 +12,13 @@ import tempfile
 from common import load_model, parse_args
 from transformers import Trainer, TrainingArguments
 
-from onepass_prep.torch import OnePassCollator, OnePassDataset, check_vocab_size, install_mask_hook
+from onepass_prep.torch import (
+    OnePassCollator,
+    OnePassDataset,
+    check_vocab_size,
+    install_mask_hook,
+    onepass_trainer,
+)
 
 
 def main() -> None:
@@ -25,6 +31,7 @@ def main() -> None:
         output_dir=tempfile.mkdtemp(),
         max_steps=args.steps,
         per_device_train_batch_size=1,
+        gradient_accumulation_steps=args.accumulation,
         learning_rate=1e-3,
         logging_steps=1,
         save_strategy="no",
@@ -32,7 +39,9 @@ def main() -> None:
         # Trainer would otherwise drop `mask_spec` (not a forward argument) before collation.
         remove_unused_columns=False,
     )
-    Trainer(
+    # onepass_trainer: the loss the rows' loss_weights and loss_units encode, whatever the
+    # normalization; a plain Trainer refuses data that is not the plain token mean.
+    onepass_trainer(Trainer)(
         model=model, args=training, train_dataset=dataset, data_collator=OnePassCollator()
     ).train()
 

@@ -210,7 +210,7 @@ def inspect_command(
 ) -> None:
     """Show one row: its conversations (or the segment tree of a row of one) and its
     attention mask, sized to fit the terminal; --conversation shows one in full."""
-    from onepass_prep.format import FormatError
+    from onepass_prep.format import FormatError, loss_settings
     from onepass_prep.inspection.runs import read_row
     from onepass_prep.inspection.view import (
         NoSuchConversation,
@@ -226,7 +226,7 @@ def inspect_command(
     out = Console()
     try:
         run, loaded = _open(path, model)
-        view = RowView.build(read_row(run, run.first_row + row), loaded.tokenizer)
+        view = RowView.build(read_row(run, run.first_row + row), loaded.tokenizer, loss_settings(run.manifest))
         max_seq_len = run.manifest.get("options", {}).get("max_seq_len")
         if tokens is not None:
             out.print(header(view, max_seq_len))
@@ -249,7 +249,8 @@ def stats_command(
     path: Path = typer.Argument(..., metavar="PATH", help="An output folder or one of its shards."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
-    """Rows, conversations, turns, lengths, and tokens and attention work one-pass vs N-pass."""
+    """Rows, conversations, turns, lengths, tokens and attention work one-pass vs N-pass,
+    and the loss: its normalization, the trained turns by weight and the loss units."""
     from onepass_prep.format import FormatError
     from onepass_prep.inspection.runs import open_run
     from onepass_prep.inspection.stats import compute_stats, stats_json, stats_view

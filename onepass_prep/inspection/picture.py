@@ -1,5 +1,5 @@
 """`inspect --png`: the whole mask of a row as a picture, with segment boundaries, role
-colours and a legend. Rows up to GRID_PX tokens get whole pixels per token; longer rows are
+colours (trained turns of weight other than 1 in their own) and a legend. Rows up to GRID_PX tokens get whole pixels per token; longer rows are
 downsampled by blocks exactly as in the terminal (see `maskgrid`)."""
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def mask_picture(view: RowView) -> Image.Image:
     mask = Image.fromarray(pixels, "RGB").resize((count * scale,) * 2, Image.Resampling.NEAREST)
     side = count * scale
     font = ImageFont.load_default(size=14)
-    legend_rows = len(Role) + 3
+    roles = [role for role in Role if role not in (Role.DOWN, Role.UP) or (view.roles == role).any()]
+    legend_rows = len(roles) + 3
     image = Image.new("RGB", (LEFT + max(side, 520) + 60, TOP + side + 30 + 20 * legend_rows), FUTURE)
     image.paste(mask, (LEFT, TOP))
     draw = ImageDraw.Draw(image)
@@ -55,7 +56,7 @@ def mask_picture(view: RowView) -> Image.Image:
         draw.text((LEFT + tick * scale, TOP - 20), label, fill=TEXT, font=font)
         draw.text((8, TOP + tick * scale), label, fill=TEXT, font=font)
     y = TOP + side + 20
-    entries = [(ROLE_COLOURS[role], ROLE_NAMES[role]) for role in Role]
+    entries = [(ROLE_COLOURS[role], ROLE_NAMES[role]) for role in roles]
     entries += [(MASKED, "masked: causal but not visible"), (FUTURE, "key after query")]
     for colour, name in entries:
         draw.rectangle((LEFT, y, LEFT + 14, y + 14), fill=colour, outline=BOUNDARY)

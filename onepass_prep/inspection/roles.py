@@ -1,7 +1,8 @@
 """What each token of a row is for, derived from the row alone (see docs/inspect.md).
 
 Rows carry no role column: the roles shown by `inspect` are read off the structure (labels,
-tree parents, siblings) and, for tool output, the tokens of the template's tool markers.
+tree parents, siblings), the loss weights (with the manifest's normalization) and, for tool
+output, the tokens of the template's tool markers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from enum import IntEnum
 
 import numpy as np
 
+from onepass_prep.format import IGNORE_INDEX, NORMALIZATIONS, FormatError
 from onepass_prep.inspection.runs import ShardRow
 
 # (open, close) texts around a tool result: Qwen2.5/Qwen3/Hermes, and ChatML's tool role.
@@ -23,6 +25,12 @@ class Role(IntEnum):
     COPY = 2
     TOOL = 3
     BRANCH = 4
+    DOWN = 5  # trained, message weight below 1
+    UP = 6  # trained, message weight above 1
+
+
+TRAINED_ROLES = (Role.TRAINED, Role.DOWN, Role.UP)
+WEIGHT_DIGITS = 6  # significant digits a message weight is read to (the rows store float32)
 
 
 ROLE_NAMES = {
@@ -31,6 +39,8 @@ ROLE_NAMES = {
     Role.COPY: "answer-only copy",
     Role.TOOL: "tool output",
     Role.BRANCH: "branch-point copy",
+    Role.DOWN: "trained, w < 1",
+    Role.UP: "trained, w > 1",
 }
 ROLE_COLOURS = {  # RGB; the terminal uses the same colours
     Role.CONTEXT: (66, 133, 244),
@@ -38,6 +48,8 @@ ROLE_COLOURS = {  # RGB; the terminal uses the same colours
     Role.COPY: (251, 188, 5),
     Role.TOOL: (171, 71, 188),
     Role.BRANCH: (234, 67, 53),
+    Role.DOWN: (0, 172, 193),
+    Role.UP: (27, 94, 32),
 }
 
 
@@ -51,10 +63,45 @@ class Part:
     role: Role
 
 
-def token_roles(row: ShardRow, tool_markers: list[tuple[list[int], list[int]]]) -> np.ndarray:
-    """Role per token; `tool_markers` are the marker texts' token ids (see `marker_ids`)."""
+def run_weights(row: ShardRow, normalization: str = "token") -> np.ndarray:
+    """The message weight of each trained run (one N-pass sample, see `ShardRow.trained_runs`),
+    read back from `loss_weights` by undoing the normalization (docs/FORMAT.md, "Loss"):
+    a trained token stores w under `token`, w / (the run's tokens) under `turn`, and
+    w / (the trained tokens of its conversation's tree) under `conversation`. Rounded to
+    WEIGHT_DIGITS significant digits, which the float32 weights hold."""
+    if normalization not in NORMALIZATIONS:
+        raise FormatError(
+            f"{row.file.parent}: the manifest's loss normalization {normalization!r} is not one "
+            f"of {', '.join(NORMALIZATIONS)}"
+        )
+    runs = np.asarray(row.trained_runs, np.int64).reshape(-1, 2)
+    sums = np.concatenate(([0.0], np.cumsum(row.loss_weights, dtype=np.float64)))
+    tokens = (runs[:, 1] - runs[:, 0]).astype(np.float64)
+    weights = (sums[runs[:, 1]] - sums[runs[:, 0]]) / np.maximum(tokens, 1)  # the stored mean
+    if normalization == "turn":
+        weights = weights * tokens
+    elif normalization == "conversation":
+        labelled = np.concatenate(([0], np.cumsum(row.labels != IGNORE_INDEX)))
+        tree_starts = np.asarray([start for start, _ in row.trees], np.int64)
+        tree_ends = np.asarray([end for _, end in row.trees], np.int64)
+        tree = np.searchsorted(tree_starts, runs[:, 0], side="right") - 1
+        weights = weights * (labelled[tree_ends[tree]] - labelled[tree_starts[tree]])
+    return np.asarray([float(f"{w:.{WEIGHT_DIGITS}g}") for w in weights.tolist()], np.float64)
+
+
+def weight_text(weight: float) -> str:
+    """A message weight as `inspect` and `stats` print it: up to 4 significant digits."""
+    return f"{weight:.4g}"
+
+
+def token_roles(
+    row: ShardRow, tool_markers: list[tuple[list[int], list[int]]], normalization: str = "token"
+) -> np.ndarray:
+    """Role per token; `tool_markers` are the marker texts' token ids (see `marker_ids`),
+    `normalization` the manifest's (to tell trained turns of weight 1 from the others)."""
     roles = np.full(len(row), Role.CONTEXT, np.int8)
-    roles[row.labels != -100] = Role.TRAINED
+    for (start, end), weight in zip(row.trained_runs, run_weights(row, normalization).tolist(), strict=True):
+        roles[start:end] = Role.TRAINED if weight == 1 else Role.DOWN if weight < 1 else Role.UP
     _mark_branch_copies(row, roles)
     for start, end in row.trees:
         _mark_answer_copies(row, roles, start, end)

@@ -7,10 +7,15 @@ costs L(L+1)/2, and the shards do not store L. It is derived: a sample's trained
 run to its end, so each trained run (a maximal stretch of labelled tokens) ends at depth
 L - 1. A row's derivation is exact when its runs' lengths add up to its `n_pass_tokens`;
 rows where they do not are counted and the N-pass figure is then marked inexact.
+
+The loss: the manifest's normalization and train-on setting, each trained turn's message
+weight (read back from `loss_weights` by undoing the normalization, `roles.run_weights`),
+and the rows' `loss_units` and `loss_weights` summed.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,10 +23,13 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from onepass_prep.format import IGNORE_INDEX
+from onepass_prep.format import IGNORE_INDEX, loss_settings
+from onepass_prep.inspection.roles import run_weights, weight_text
 from onepass_prep.inspection.runs import Run, iter_rows
 
 HISTOGRAM_BINS = 10
+WEIGHTS_LISTED = 10  # distinct message weights listed, the most common first
+UNIT_NAMES = {"token": "trained tokens", "turn": "trained turns", "conversation": "conversations"}
 
 
 @dataclass
@@ -40,6 +48,24 @@ class Stats:
     max_seq_len: int | None = None
     run_counts: dict = field(default_factory=dict)  # the manifest's, for the whole run
     reasoning_audit: dict = field(default_factory=dict)  # the manifest's, for the whole run
+    loss: dict = field(default_factory=dict)  # the manifest's normalization and train_on
+    loss_units: int = 0
+    loss_weight_sum: float = 0.0
+    turn_weights: Counter = field(default_factory=Counter)  # message weight -> trained turns
+
+    @property
+    def turns_by_weight(self) -> dict[str, int]:
+        """Trained turns of weight 1, below 1 (down-weighted) and above 1 (up-weighted)."""
+        return {
+            "weight_1": self.turn_weights[1.0],
+            "below_1": sum(n for w, n in self.turn_weights.items() if w < 1),
+            "above_1": sum(n for w, n in self.turn_weights.items() if w > 1),
+        }
+
+    @property
+    def mean_weight_per_unit(self) -> float | None:
+        """The loss weights' sum over the units: 1 when every trained turn weighs 1."""
+        return self.loss_weight_sum / self.loss_units if self.loss_units else None
 
     @property
     def fill_rate(self) -> float | None:
@@ -60,6 +86,7 @@ def compute_stats(run: Run) -> Stats:
         shards=len(run.shards),
         run_counts=run.manifest.get("counts", {}),
         reasoning_audit=run.manifest.get("reasoning_audit", {}),
+        loss=dict(loss_settings(run.manifest)),
     )
     stats.max_seq_len = run.manifest.get("options", {}).get("max_seq_len")
     for row in iter_rows(run):
@@ -75,6 +102,9 @@ def compute_stats(run: Run) -> Stats:
         stats.trained_runs += len(ends)
         stats.pairs_n_pass += int((sample_lengths * (sample_lengths + 1) // 2).sum())
         stats.rows_not_derived += int(sample_lengths.sum()) != row.n_pass_tokens
+        stats.turn_weights.update(run_weights(row, stats.loss["normalization"]).tolist())
+        stats.loss_units += row.loss_units
+        stats.loss_weight_sum += float(row.loss_weights.sum(dtype=np.float64))
     return stats
 
 
@@ -131,7 +161,33 @@ def stats_json(stats: Stats) -> dict:
             for key in ("read", "written", "rejected", "rejected_by_kind")
         },
         "reasoning_audit": stats.reasoning_audit,
+        "loss": {
+            "normalization": stats.loss.get("normalization"),
+            "train_on": stats.loss.get("train_on"),
+            "trained_turns": stats.turns_by_weight,
+            "turn_weight": _weight_range(stats.turn_weights),
+            "turn_weights": [
+                {"weight": weight, "turns": turns} for weight, turns in _common(stats.turn_weights)
+            ],
+            "distinct_turn_weights": len(stats.turn_weights),
+            "units": stats.loss_units,
+            "weight_sum": stats.loss_weight_sum,
+            "mean_weight_per_unit": stats.mean_weight_per_unit,
+        },
     }
+
+
+def _common(weights: Counter) -> list[tuple[float, int]]:
+    """The WEIGHTS_LISTED most common message weights, most common (then heaviest) first."""
+    return sorted(weights.items(), key=lambda item: (-item[1], -item[0]))[:WEIGHTS_LISTED]
+
+
+def _weight_range(weights: Counter) -> dict | None:
+    if not weights:
+        return None
+    turns = sum(weights.values())
+    mean = sum(weight * count for weight, count in weights.items()) / turns
+    return {"min": min(weights), "max": max(weights), "mean": mean}
 
 
 def stats_view(stats: Stats, width: int) -> Group:
@@ -164,12 +220,30 @@ def stats_view(stats: Stats, width: int) -> Group:
     if audit:
         dropped, turns = audit.get("reasoning_dropped", 0), audit.get("turns_with_reasoning", 0)
         table.add_row("reasoning dropped", f"{dropped:,} of {turns:,} turns", "")
+    _loss_rows(table, stats)
     if stats.rows_not_derived:
         table.caption = (
             f"≈: in {stats.rows_not_derived} rows the trained runs do not account for "
             "n_pass_tokens, so N-pass pairs are estimated there (see docs/inspect.md)"
         )
     return Group(table, _histogram_text(stats.lengths, width))
+
+
+def _loss_rows(table: Table, stats: Stats) -> None:
+    normalization = stats.loss.get("normalization", "token")
+    table.add_row("loss: normalization / train on", f"{normalization} / {stats.loss.get('train_on')}", "")
+    by_weight = stats.turns_by_weight
+    table.add_row("trained turns of weight 1", f"{by_weight['weight_1']:,}", "")
+    table.add_row("  weight < 1 (down)", f"{by_weight['below_1']:,}", "")
+    table.add_row("  weight > 1 (up)", f"{by_weight['above_1']:,}", "")
+    common = _common(stats.turn_weights)
+    if common and (len(common) > 1 or common[0][0] != 1):
+        shown = ", ".join(f"{weight_text(weight)} ×{turns:,}" for weight, turns in common[:3])
+        more = len(stats.turn_weights) - min(3, len(common))
+        table.add_row("turn weights", shown + (f", {more:,} more" if more else ""), "")
+    table.add_row(f"loss units ({UNIT_NAMES.get(normalization, '?')})", f"{stats.loss_units:,}", "")
+    if stats.mean_weight_per_unit is not None:
+        table.add_row("mean weight per unit", f"{stats.mean_weight_per_unit:.4g}", "")
 
 
 def _histogram_text(lengths: list[int], width: int) -> Text:

@@ -23,11 +23,14 @@ from onepass_prep.inspection.maskgrid import mask_grid
 from onepass_prep.inspection.roles import (
     ROLE_COLOURS,
     ROLE_NAMES,
+    TRAINED_ROLES,
     Part,
     Role,
     marker_ids,
     parts,
+    run_weights,
     token_roles,
+    weight_text,
 )
 from onepass_prep.inspection.runs import ShardRow
 
@@ -40,6 +43,7 @@ AXIS = 8  # characters left of the drawn mask (query token labels)
 MASK_CHROME = 2  # lines of the drawn mask besides its cell rows and legend: title, ruler
 MIN_CELLS = 10  # fewer cell rows than this beside the rest: the mask gets a screen of its own
 GAP = "    "  # between the columns of the conversation list
+WEIGHT_0_NOTE = "(weight-0 turns: prompt/context)"
 
 
 class NoSuchConversation(LookupError):
@@ -50,19 +54,44 @@ def plural(count: int, noun: str) -> str:
     return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
+def weight_range(weights: list[float]) -> str:
+    """The message weights of some trained turns: one value, `low–high`, or `-` for none."""
+    if not weights:
+        return "-"
+    low, high = min(weights), max(weights)
+    return weight_text(low) if low == high else f"{weight_text(low)}–{weight_text(high)}"
+
+
 @dataclass
 class RowView:
-    """A row with its token roles and parts, and the tokenizer to show its text."""
+    """A row with its token roles and parts, the message weight of each trained run, the
+    run's loss settings (the manifest's `loss`), and the tokenizer to show its text."""
 
     row: ShardRow
     roles: np.ndarray
     parts: list[Part]
     tokenizer: PreTrainedTokenizerBase
+    weights: np.ndarray  # message weight per trained run (see roles.run_weights)
+    loss: dict  # {"normalization": .., "train_on": ..}
 
     @classmethod
-    def build(cls, row: ShardRow, tokenizer) -> RowView:
-        roles = token_roles(row, marker_ids(tokenizer))
-        return cls(row, roles, parts(row, roles), tokenizer)
+    def build(cls, row: ShardRow, tokenizer, loss: dict | None = None) -> RowView:
+        loss = loss or {"normalization": "token", "train_on": "all"}
+        roles = token_roles(row, marker_ids(tokenizer), loss["normalization"])
+        return cls(row, roles, parts(row, roles), tokenizer, run_weights(row, loss["normalization"]), loss)
+
+    @cached_property
+    def token_weights(self) -> np.ndarray:
+        """Per token, the message weight of its trained run; 0 where untrained."""
+        out = np.zeros(len(self.row), np.float64)
+        for (start, end), weight in zip(self.row.trained_runs, self.weights.tolist(), strict=True):
+            out[start:end] = weight
+        return out
+
+    @property
+    def weighted(self) -> bool:
+        """Some trained turn of the row weighs other than 1."""
+        return bool((self.weights != 1).any())
 
     def text(self, start: int, end: int) -> str:
         text = self.tokenizer.decode(self.row.input_ids[start:end].tolist())
@@ -83,9 +112,10 @@ class RowView:
         ends = roots[1:] + [len(row.seg_lens)]
         out = []
         for name, root, end_segment, (start, end) in zip(names, roots, ends, row.trees, strict=True):
-            turns = int(np.searchsorted(run_starts, end) - np.searchsorted(run_starts, start))
+            first, stop = np.searchsorted(run_starts, [start, end]).tolist()
             trained = int(labelled[end] - labelled[start])
-            out.append(Conversation(name, range(root, end_segment), start, end, trained, turns))
+            weights = self.weights[first:stop].tolist()
+            out.append(Conversation(name, range(root, end_segment), start, end, trained, stop - first, weights))
         return out
 
     def conversation(self, name: str) -> Conversation:
@@ -106,6 +136,7 @@ class Conversation:
     end: int
     trained: int  # labelled tokens
     turns: int  # trained runs
+    weights: list[float]  # the message weight of each trained run, in row order
 
 
 def escape(text: str) -> str:
@@ -123,7 +154,8 @@ def snippet(text: str, limit: int) -> str:
 
 def header(view: RowView, max_seq_len: int | None, list_ids: bool = True) -> Text:
     """The row's place, counts and conversations (their ids unless `list_ids` is false, for
-    views that list them below)."""
+    views that list them below), and the loss unless it is the plain one (token mean, train
+    on all, every trained turn of weight 1)."""
     row = view.row
     trained = int((row.labels != IGNORE_INDEX).sum())
     ids = row.conversation_ids
@@ -133,18 +165,36 @@ def header(view: RowView, max_seq_len: int | None, list_ids: bool = True) -> Tex
     out.append(f"{plural(len(row), 'token')}, {trained:,} trained, {plural(len(row.seg_lens), 'segment')}, ")
     out.append(f"{plural(len(row.trees), 'tree')}, {plural(len(ids), 'conversation')}")
     out.append(f": {', '.join(ids)}\n" if list_ids and ids else "\n")
+    loss = view.loss
+    if view.weighted or (loss["normalization"], loss["train_on"]) != ("token", "all"):
+        out.append(f"loss: {loss['normalization']} mean, train on {loss['train_on']}; ")
+        out.append(weight_summary(view.weights.tolist()) + "\n")
     if max_seq_len:
         out.append(
-            f"no padding stored (FORMAT v1); padding to max_seq_len {max_seq_len:,} "
+            f"no padding stored; padding to max_seq_len {max_seq_len:,} "
             f"would add {max(0, max_seq_len - len(row)):,} tokens\n",
             style="dim",
         )
     return out
 
 
+def weight_summary(weights: list[float]) -> str:
+    """How many trained turns weigh 1, less (down), more (up)."""
+    if not weights:
+        return "no trained turns"
+    if all(weight == 1 for weight in weights):
+        return f"{plural(len(weights), 'trained turn')}, all weight 1"
+    below = sum(weight < 1 for weight in weights)
+    above = sum(weight > 1 for weight in weights)
+    counts = [f"{len(weights) - below - above:,} weight 1"] * (below + above < len(weights))
+    counts += [f"{below:,} down"] * bool(below) + [f"{above:,} up"] * bool(above)
+    return f"{plural(len(weights), 'trained turn')}: {', '.join(counts)}"
+
+
 def segment_tree(view: RowView, width: int, conversation: Conversation | None = None) -> Tree:
-    """Segments nested as in `seg_parents`, each with its parts in role colours; text
-    snippets are cut to fit `width`. All of the row's, or one conversation's."""
+    """Segments nested as in `seg_parents`, each with its parts in role colours (and, when
+    a trained turn of the row weighs other than 1, each trained part with its turn's
+    weight); text snippets are cut to fit `width`. All of the row's, or one conversation's."""
     row = view.row
     by_segment: dict[int, list[Part]] = {}
     for part in view.parts:
@@ -172,7 +222,10 @@ def segment_tree(view: RowView, width: int, conversation: Conversation | None = 
         )
         for part in by_segment[segment]:
             label.append("\n")
-            place = f" {part.start}..{part.end - 1} ({part.end - part.start} tok)  "
+            place = f" {part.start}..{part.end - 1} ({part.end - part.start} tok"
+            if view.weighted and part.role in TRAINED_ROLES:
+                place += f", weight {weight_text(view.token_weights[part.start])}"
+            place += ")  "
             label.append(f"{ROLE_NAMES[part.role]:<17}", style=STYLES[part.role])
             label.append(place)
             room = width - 4 * (depth + 1) - 17 - len(place)
@@ -185,15 +238,19 @@ def conversation_list(
     view: RowView, width: int, max_lines: int | None = None, only: list[Conversation] | None = None
 ) -> Text:
     """One line per conversation (`only`: those given, else all of the row's): id, token
-    range (inclusive), segments, trained tokens, turns (trained runs). Side by side in
-    columns, read down, as many as `width` holds; cut to `max_lines` with a last line
-    saying how many more there are."""
+    range (inclusive), segments, trained tokens, turns (trained runs), and when a trained
+    turn of the row weighs other than 1, the weights of its turns. Side by side in columns,
+    read down, as many as `width` holds; cut to `max_lines` with a last line saying how
+    many more there are."""
     conversations = view.conversations if only is None else only
-    heads = ("conversation", "tokens", "segs", "trained", "turns")
-    cells = [
+    heads: tuple[str, ...] = ("conversation", "tokens", "segs", "trained", "turns")
+    cells: list[tuple[str, ...]] = [
         (c.id, f"{c.start}..{c.end - 1}", str(len(c.segments)), f"{c.trained:,}", str(c.turns))
         for c in conversations
     ]
+    if view.weighted:
+        heads += ("weight",)
+        cells = [line + (weight_range(c.weights),) for line, c in zip(cells, conversations, strict=True)]
     sizes = [max([cell_len(head)] + [cell_len(line[k]) for line in cells]) for k, head in enumerate(heads)]
     rest = sum(sizes[1:]) + 2 * (len(sizes) - 1)
     sizes[0] = min(sizes[0], max(len(heads[0]), width - rest))  # a long id is cut, not wrapped
@@ -267,17 +324,48 @@ def mask_text(
                 shade = next(char for low, char in SHADES if fraction[line, column] >= low)
                 out.append(shade * 2, style=STYLES[Role(int(role[line, column]))])
         out.append("\n")
-    out.append_text(legend())
+    out.append_text(legend(view, conversation, width))
     return out
 
 
-def legend() -> Text:
-    out = Text()
-    for role in Role:
-        out.append("██", style=STYLES[role])
-        out.append(f" {ROLE_NAMES[role]}   ")
+def legend(
+    view: RowView | None = None, conversation: Conversation | None = None, width: int | None = None
+) -> Text:
+    """The mask's legend: the roles (those of weighted turns only where the row, or the
+    conversation drawn, has them), entries kept whole on lines of `width`; and for a row
+    with weights or a run that trains only last turns, where weight-0 turns are, if that
+    takes no line more."""
+    shown: set[int] = set()
+    if view is not None:
+        start, end = (0, len(view.row)) if conversation is None else (conversation.start, conversation.end)
+        shown = set(np.unique(view.roles[start:end]).tolist())
+    entries = [
+        Text("██", style=STYLES[role]) + Text(f" {ROLE_NAMES[role]}")
+        for role in Role
+        if role not in (Role.DOWN, Role.UP) or role in shown
+    ]
+    out = _entry_lines(entries, width)
+    if view is not None and (view.weighted or view.loss["train_on"] == "last"):
+        noted = _entry_lines([*entries, Text(WEIGHT_0_NOTE)], width)
+        if width is None or count_lines(noted, width) == count_lines(out, width):
+            out = noted
     out.append("\n· masked (causal but not visible)   blank: key after query\n")
     out.append("█ all, ▓ ≥ 2/3, ▒ ≥ 1/3, ░ some of a cell's causal pairs are visible")
+    return out
+
+
+def _entry_lines(entries: list[Text], width: int | None) -> Text:
+    """Legend entries three spaces apart, a new line where the next would pass `width`."""
+    out, used = Text(), 0
+    for entry in entries:
+        if used and width is not None and used + 3 + entry.cell_len > width:
+            out.append("\n")
+            used = 0
+        elif used:
+            out.append("   ")
+            used += 3
+        out.append_text(entry)
+        used += entry.cell_len
     return out
 
 
@@ -326,13 +414,15 @@ def count_lines(renderable: RenderableType, width: int) -> int:
     return len(console.render_lines(renderable, console.options, pad=False))
 
 
-def mask_rows(height: int | None, above: int, width: int) -> int | None:
+def mask_rows(
+    height: int | None, above: int, width: int, view: RowView | None = None, conversation: Conversation | None = None
+) -> int | None:
     """Most cell rows for a mask printed below `above` lines, so that the output and the
     shell's next prompt fit `height` lines; when fewer than MIN_CELLS would fit, as many as
     fit a screen on their own (the lines above scroll away)."""
     if height is None:
         return None
-    own = height - 1 - MASK_CHROME - count_lines(legend(), width)
+    own = height - 1 - MASK_CHROME - count_lines(legend(view, conversation, width), width)
     return max(1, own - above if own - above >= MIN_CELLS else own)
 
 
@@ -355,29 +445,29 @@ def layout(
             segment_tree(view, width, chosen),
         ]
         above = sum(count_lines(part, width) for part in top)
-        return [*top, mask_text(view, width, mask_rows(height, above, width), chosen)]
+        return [*top, mask_text(view, width, mask_rows(height, above, width, view, chosen), chosen)]
     if len(view.conversations) <= 1:
         top = [header(view, max_seq_len), segment_tree(view, width)]
         above = sum(count_lines(part, width) for part in top)
-        return [*top, mask_text(view, width, mask_rows(height, above, width))]
+        return [*top, mask_text(view, width, mask_rows(height, above, width, view))]
     head = header(view, max_seq_len, list_ids=False)
     listed = conversation_list(view, width)
     if height is not None:  # cut the list to leave MIN_CELLS cell rows
-        room = height - 1 - count_lines(head, width) - MASK_CHROME - MIN_CELLS - count_lines(legend(), width)
+        room = height - 1 - count_lines(head, width) - MASK_CHROME - MIN_CELLS - count_lines(legend(view, width=width), width)
         cut = max(1, room)  # fewer while the list (wrapped lines, blank line) is taller
         while cut > 0 and count_lines(listed, width) > room:
             listed = conversation_list(view, width, max_lines=cut)
             cut -= 1
     above = count_lines(head, width) + count_lines(listed, width)
-    return [head, listed, mask_text(view, width, mask_rows(height, above, width))]
+    return [head, listed, mask_text(view, width, mask_rows(height, above, width, view))]
 
 
 def token_table(view: RowView, start: int, end: int) -> Table:
     """Token-level detail for tokens [start, end)."""
     row = view.row
     table = Table(title=f"row {row.number}, tokens {start}..{end - 1}")
-    for name in ("token", "id", "text", "pos", "label", "seg", "parent seg", "role"):
-        table.add_column(name, justify="right" if name in ("token", "id", "pos") else "left")
+    for name in ("token", "id", "text", "pos", "label", "loss weight", "seg", "parent seg", "role"):
+        table.add_column(name, justify="right" if name in ("token", "id", "pos", "loss weight") else "left")
     for j in range(start, end):
         segment = int(row.segment_of[j])
         parent = int(row.seg_parents[segment])
@@ -388,6 +478,7 @@ def token_table(view: RowView, start: int, end: int) -> Table:
             Text(escape(view.text(j, j + 1)), style=STYLES[role]),
             str(row.position_ids[j]),
             "yes" if row.labels[j] != IGNORE_INDEX else "no",
+            weight_text(float(row.loss_weights[j])) if row.labels[j] != IGNORE_INDEX else "-",
             str(segment),
             "-" if parent < 0 else str(parent),
             ROLE_NAMES[role],

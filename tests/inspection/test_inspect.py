@@ -162,6 +162,7 @@ def test_branch_point_copy_role():
         file=None, index=0, number=0, input_ids=packed.input_ids, position_ids=packed.position_ids,
         labels=packed.labels, seg_lens=packed.seg_lens, seg_parents=packed.seg_parents,
         conversation_ids=["c"], num_tokens=len(packed), num_trained_tokens=4, n_pass_tokens=8,
+        loss_weights=(packed.labels != -100).astype(np.float32), loss_units=4,
     )
     roles = token_roles(row, [])
     assert roles.tolist() == [Role.CONTEXT, Role.CONTEXT, Role.TRAINED, Role.TRAINED,
@@ -278,7 +279,7 @@ def test_token_detail():
     lines = result.output.splitlines()
     head = next(line for line in lines if line.startswith("┃"))
     assert [cell.strip() for cell in head.split("┃")[1:-1]] == [
-        "token", "id", "text", "pos", "label", "seg", "parent seg", "role"]
+        "token", "id", "text", "pos", "label", "loss weight", "seg", "parent seg", "role"]
     body = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
     cells = {int(cells[0]): [c.strip() for c in cells] for cells in body}
     assert sorted(cells) == list(range(first - 2, first + 2))
@@ -289,7 +290,8 @@ def test_token_detail():
         assert labelled == (role == "trained")  # docs/inspect.md: trained = labelled
         assert cells[j] == [
             str(j), str(row["input_ids"][j]), tokenizer.decode([row["input_ids"][j]]).replace("\n", "\\n"),
-            str(row["position_ids"][j]), "yes" if labelled else "no", str(segment),
+            str(row["position_ids"][j]), "yes" if labelled else "no",
+            f"{row['loss_weights'][j]:.4g}" if labelled else "-", str(segment),
             "-" if parents[segment] == -1 else str(parents[segment]), role,
         ]
 

@@ -1,4 +1,5 @@
-"""The training examples run as documented, on two short converted chats."""
+"""The training examples run as documented, on two short converted chats (the plain token
+mean, and the conversation mean with the last turn trained)."""
 
 from __future__ import annotations
 
@@ -18,25 +19,31 @@ EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory: pytest.TempPathFactory, sample_path: Path) -> Path:
+def out_dirs(tmp_path_factory: pytest.TempPathFactory, sample_path: Path) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("examples")
     lines = [
         line for line in sample_path.read_text(encoding="utf-8").splitlines()
         if json.loads(line)["id"] in ("math-005", "sharegpt-001")
     ]
     (tmp / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = CliRunner().invoke(
-        app, ["convert", str(tmp / "chats.jsonl"), "--model", "qwen", "-o", str(tmp / "out")]
-    )
-    assert result.exit_code == 0, result.output
-    return tmp / "out"
+    options = {"token": [], "conversation": ["--loss-normalization", "conversation", "--train-on", "last"]}
+    for name, extra in options.items():
+        result = CliRunner().invoke(
+            app, ["convert", str(tmp / "chats.jsonl"), "--model", "qwen", "-o", str(tmp / name), *extra]
+        )
+        assert result.exit_code == 0, result.output
+    return {name: tmp / name for name in options}
 
 
-@pytest.mark.parametrize("name", ["train_plain", "train_trainer", "train_sft"])
-def test_example_trains(name: str, out_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("train_plain", "token"), ("train_plain", "conversation"), ("train_trainer", "conversation"),
+     ("train_sft", "conversation")],
+)
+def test_example_trains(name: str, data: str, out_dirs: dict[str, Path], tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the Arrow copy of the shards
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / f"{name}.py"), str(out_dir), "--steps", "1"],
+        [sys.executable, str(EXAMPLES / f"{name}.py"), str(out_dirs[data]), "--steps", "1"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]

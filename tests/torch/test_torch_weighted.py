@@ -10,12 +10,18 @@ other loss paths on weighted data must raise; v1 folders train as before.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from helpers.paths import ROOT, TESTS
 from helpers.torch_models import gradients, n_pass_objective, tiny_model
 from helpers.torch_rows import NORMALIZATIONS, chat_samples, pack, write_run
 from helpers.trainers import common_args, compare_weighted
@@ -227,3 +233,66 @@ def test_onepass_loss_shift_precision_and_empty_step() -> None:
     assert nothing.item() == 0 and nothing.requires_grad
     with pytest.raises(ValueError, match="line up"):
         onepass_loss(logits, labels[:, 1:], weights, 4)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from torch.nn.parallel import DistributedDataParallel
+
+    def run(rank, world, init, rows_path):
+        torch.backends.mkldnn.enabled = False
+        torch.set_num_threads(1)
+        from helpers.torch_models import tiny_model
+        from onepass_prep.torch import OnePassCollator, forward_loss, install_mask_hook, step_denominator
+
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        collate = OnePassCollator(pad_to_multiple_of=16)
+        data = json.loads(open(rows_path).read())  # six rows: rank r takes rows r, r + 2, r + 4
+        mine = [collate([row]) for row in data[rank::world]]
+        model = tiny_model("qwen3", "sdpa")
+        install_mask_hook(model)
+        ddp = DistributedDataParallel(model)
+        denominator = step_denominator(mine)
+        for i, batch in enumerate(mine):
+            context = ddp.no_sync() if i < len(mine) - 1 else torch.enable_grad()
+            with context:
+                (forward_loss(ddp, batch, denominator)[0] * world).backward()
+        if rank == 0:
+            single = tiny_model("qwen3", "sdpa")
+            install_mask_hook(single)
+            everything = [collate([row]) for row in data]
+            units = sum(int(b["loss_units"].sum()) for b in everything)
+            sum(forward_loss(single, b, units)[0] for b in everything).backward()
+            worst = max(
+                float((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp(min=1e-12))
+                for p, q in zip(model.parameters(), single.parameters())
+            )
+            print(int(denominator), units, worst)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
+    """
+)
+
+
+def test_ddp_plain_loop_equals_one_process(tmp_path: Path) -> None:
+    """Two gloo ranks, three rows each, DDP averaging: step_denominator's all-reduced units and
+    the loss times the world size give the gradients of one process over all six rows."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows("weights", "conversation")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [TESTS, ROOT]))}
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    done = subprocess.run([sys.executable, str(script), rendezvous, str(data)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    denominator, units, worst = done.stdout.split()
+    assert denominator == units and int(units) > 0
+    assert float(worst) < 1e-5

@@ -1,0 +1,596 @@
+"""Where records come from: every input kind as numbered raw JSON records.
+
+Whatever the input (JSONL, plain or gzip/zstd-compressed; a JSON array; Parquet files or
+a folder of them; a `datasets.save_to_disk` folder or an Arrow file; standard input;
+Python dicts or a `datasets.Dataset`), a `Source` yields `(number, raw)` pairs: `raw` the
+bytes of one JSON record, which `records.parse_line` parses as it parses a JSONL line, so
+parsing, rejections (their `raw` text) and everything after are one path for all kinds.
+
+Numbers are 1-based. For JSONL (files and standard input) a record's number is its line
+number, and every line is yielded, blank ones too (`parse_line` skips them), so numbers
+are the lines an editor shows. For every other kind it is the record's position: the
+element of a JSON array, the row of a Parquet file or Arrow table (over all files of a
+folder, in reading order; `dataset[number - 1]`), the item of a Python iterable.
+
+Rows of Parquet and Arrow data are read in batches, never as a whole table; JSON arrays
+are cut into records by a scanner that holds one record and one read chunk. Memory does
+not grow with the input.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+Record = tuple[int, bytes]  # (number, raw JSON of one record)
+# Records in order, from number `start` on where the reader can skip cheaply (row groups,
+# Arrow batches), else from the first (text must be read to be skipped).
+Reader = Callable[[int], Iterator[Record]]
+
+# The columns of a Parquet or Arrow row that make a record; other columns are ignored.
+COLUMNS = ("id", "messages", "conversations", "tools", "chat_template_kwargs")
+ROWS_PER_BATCH = 256
+CHUNK = 1 << 20  # bytes read at a time
+
+GZIP, ZSTD, PARQUET = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
+ARROW_FILE, ARROW_STREAM = b"ARROW1", b"\xff\xff\xff\xff"
+ZIP = (b"PK\x03\x04", b"PK\x05\x06")
+UTF8_BOM = b"\xef\xbb\xbf"
+SPLIT_FILE = re.compile(r"(?P<split>[^/]+?)-\d{5}-of-\d{5}\.parquet$")  # the hub's shard names
+
+
+class SourceError(Exception):
+    """An input that cannot be read: one line naming it and saying why."""
+
+
+class BrokenArray(ValueError):
+    """A JSON array whose structure is broken, so that no further record can be found."""
+
+
+class Source:
+    """One input, read as numbered raw JSON records (see the module's docstring).
+
+    `name` is what rejections and the manifest call it; `kind` says what it is (`jsonl`,
+    `jsonl.gz`, `jsonl.zst`, `json`, `json.gz`, `json.zst`, `parquet`, `parquet-folder`,
+    `arrow`, `save_to_disk`, `stdin`, `python`, `dataset`). `files` are the files read, in
+    reading order; `file_bytes` their total size. `resumable` says whether `records` can
+    be called again and give the same records (files can; standard input and Python
+    iterables cannot). `size` is the total length of the raw records, known before reading
+    only for plain JSONL files (the raw lines are the file), for byte-counted progress.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        reader: Reader,
+        files: tuple[Path, ...] = (),
+        size: int | None = None,
+        count: Callable[[], int | None] = lambda: None,
+    ):
+        self.name = name
+        self.kind = kind
+        self.files = files
+        self.resumable = bool(files)
+        self.file_bytes = sum(path.stat().st_size for path in files) if files else None
+        self.size = size
+        self._reader = reader
+        self._count = count
+        self._sha256: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Source({self.name!r}, {self.kind!r})"
+
+    def records(self, start: int = 1, skipped: Callable[[int], None] | None = None) -> Iterator[Record]:
+        """`(number, raw)` for every record numbered `start` or more, in order. Records
+        before `start` are skipped as cheaply as the kind allows: Parquet and Arrow skip
+        whole files and row groups unread; text is read, and `skipped` (if given) is
+        called with the length of each raw record passed over, so that byte-counted
+        progress can start where a resumed run starts. A file that turns out corrupt or
+        truncated while it is read raises `SourceError`."""
+        number = 0
+        try:
+            for number, raw in self._reader(start):
+                if number >= start:
+                    yield number, raw
+                elif skipped is not None:
+                    skipped(len(raw))
+        except _read_errors() as error:
+            where = f"after record {number}" if number >= start else f"before record {start}"
+            raise SourceError(
+                f"input {self.name}: cannot read its {self.kind} data {where}: {_one_line(error)}"
+            ) from error
+
+    def fingerprint(self) -> str | None:
+        """sha256 over the bytes of the files read, in reading order (what `--resume`
+        compares); None for an input that cannot be read again. Computed on first call."""
+        if not self.resumable:
+            return None
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            for path in self.files:
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(CHUNK):
+                        digest.update(chunk)
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+    def count(self) -> int | None:
+        """The number of records, where it is known without reading them: Parquet and
+        Arrow (from their metadata), a `datasets.Dataset` and a sized Python collection;
+        None otherwise (JSONL counts lines, blank ones too, so it is not known either)."""
+        return self._count()
+
+
+def open_source(path: Path | str, name: str | None = None) -> Source:
+    """The source at `path`, recognised by what it holds, not by its name: `-` is standard
+    input (JSONL); a file is gzip or zstd-compressed (JSONL or a JSON array inside),
+    Parquet, Arrow, a JSON array (first non-space byte `[`) or else JSONL; a folder is a
+    `datasets.save_to_disk` folder or a folder of Parquet files. Anything else is a
+    `SourceError` naming the path and what it looks like."""
+    if str(path) == "-":
+        return Source(name or "<stdin>", "stdin", lambda _: _lines(sys.stdin.buffer))
+    path = Path(path)
+    name = name or str(path)
+    if path.is_dir():
+        return _folder(path, name)
+    if not path.exists():
+        raise SourceError(f"input {path}: no such file or folder")
+    if not path.is_file():
+        raise SourceError(f"input {path}: not a regular file (a pipe or device); save it to a file first")
+    head = _head(path)
+    if head.startswith(ZIP):
+        raise SourceError(f"input {path}: looks like a zip archive; unpack it and pass the files inside")
+    if head.startswith(PARQUET):
+        return _parquet(name, "parquet", (path,))
+    if head.startswith((ARROW_FILE, ARROW_STREAM)):
+        return _arrow(name, "arrow", (path,))
+    for magic, suffix in ((GZIP, ".gz"), (ZSTD, ".zst")):
+        if head.startswith(magic):
+            what = "gzip" if suffix == ".gz" else "zstd"
+            try:
+                with _decompressed(path, suffix) as stream:
+                    inner = stream.read(4096)
+            except _read_errors() as error:
+                raise SourceError(f"input {path}: looks like {what}-compressed data, but cannot be read: {_one_line(error)}") from None
+            if inner.startswith((PARQUET, ARROW_FILE, ARROW_STREAM, GZIP, ZSTD, *ZIP)):
+                raise SourceError(f"input {path}: {what}-compressed binary data, not JSON; decompress it first")
+            kind = _json_kind(inner)
+            return Source(name, kind + suffix, _text_reader(path, kind, suffix), (path,))
+    kind = _json_kind(head)
+    size = path.stat().st_size if kind == "jsonl" else None
+    return Source(name, kind, _text_reader(path, kind, ""), (path,), size)
+
+
+def python_source(items: Iterable[Any], name: str = "<python>") -> Source:
+    """A source over Python records: any iterable of dicts, each dumped to JSON as it
+    comes (a JSONL line's meaning exactly); a `datasets.Dataset`, read in Arrow batches;
+    a `datasets.IterableDataset` (`streaming=True`), row by row. Rows of a dataset are
+    taken as Parquet rows are (see `arrow_row`). Not resumable."""
+    kind = _dataset_kind(items)
+    dataset: Any = items
+    if kind == "Dataset":
+        table = dataset.select_columns(_columns(name, "the dataset", dataset.column_names)).with_format("arrow")
+
+        def batches(start: int) -> Iterator[Record]:
+            return _numbered_rows(_skip_batches(table.iter(batch_size=ROWS_PER_BATCH), start), start)
+
+        return Source(name, "dataset", batches, count=lambda: len(dataset))
+
+    def rows(_: int) -> Iterator[Record]:
+        for number, item in enumerate(items, start=1):
+            yield number, _dump(arrow_row(item) if kind else item)
+
+    count = (lambda: len(dataset)) if hasattr(items, "__len__") else (lambda: None)
+    return Source(name, "dataset" if kind else "python", rows, count=count)
+
+
+def arrow_row(row: dict) -> dict:
+    """A Parquet/Arrow row as a record. A struct column gives every message (every tool,
+    every argument object) every key any of them has, absent ones as null, so a null in
+    a struct cannot be told from an absent key: nulls in objects are dropped (at every
+    depth; nulls in lists are kept). Chats mean the same either way (`content` null and
+    absent are the same; the template never sees a null key). The keys of an object
+    come in the struct's field order (every row's keys, in the order first seen), not
+    in each record's own: a template that renders tools with `tojson` shows a tool's
+    properties in that order, which may differ from the JSONL the data came from.
+    Columns stored as JSON text keep each record's order: `messages`, `conversations`,
+    `tools` and `chat_template_kwargs` given as text are read as the list or object
+    they hold (columns whose shape varies from row to row are often saved so)."""
+    record = _without_nulls(row)
+    shapes = {"messages": list, "conversations": list, "tools": list, "chat_template_kwargs": dict}
+    for column, shape in shapes.items():
+        value = record.get(column)
+        if isinstance(value, str):
+            try:
+                decoded = json.loads(value)
+            except ValueError:
+                continue  # left as text: parse_line rejects it, saying why
+            if isinstance(decoded, shape):
+                record[column] = decoded
+    return record
+
+
+# --- text: JSONL and JSON arrays, plain or compressed -------------------------------
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(4096)
+
+
+def _json_kind(head: bytes) -> str:
+    return "json" if head.removeprefix(UTF8_BOM).lstrip(b" \t\r\n").startswith(b"[") else "jsonl"
+
+
+def _decompressed(path: Path, suffix: str) -> io.BufferedIOBase:
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+    return io.BufferedReader(reader, CHUNK)  # type: ignore[arg-type]
+
+
+def _text_reader(path: Path, kind: str, suffix: str) -> Reader:
+    def read(_: int) -> Iterator[Record]:
+        with (_decompressed(path, suffix) if suffix else open(path, "rb")) as stream:
+            if kind == "json":
+                yield from enumerate(_ArrayScanner(stream).elements(), start=1)
+            else:
+                yield from _lines(stream)
+
+    return read
+
+
+def _lines(stream: Iterable[bytes]) -> Iterator[Record]:
+    return enumerate(stream, start=1)
+
+
+class _ArrayScanner:
+    """Cuts a JSON array into the raw bytes of its elements without parsing them (each
+    is parsed once, by `parse_line`, so a malformed element is one rejection, with its
+    number). Only brackets and strings are followed, so the buffer holds the element
+    being read and one chunk. If the array itself is broken (no `[`, a missing comma,
+    an element or string that never ends), `BrokenArray` gives the byte offset."""
+
+    STRUCTURE = re.compile(rb'[\[\]{}"]')
+    SCALAR_END = re.compile(rb"[\s,\]]")
+
+    def __init__(self, stream: io.BufferedIOBase):
+        self.stream = stream
+        self.buf = bytearray()
+        self.base = 0  # offset in the stream of buf[0]
+        self.pos = 0  # scanning position in buf
+        self.mark = 0  # start of the element being read; buf keeps everything from it
+        self.eof = False
+
+    def elements(self) -> Iterator[bytes]:
+        if self._next_byte(skip_bom=True) != b"[":
+            self._broken("does not start with '['")
+        self.pos += 1
+        if self._next_byte() == b"]":
+            return self._end()
+        while True:
+            yield self._element()
+            separator = self._next_byte()
+            if separator == b"]":
+                return self._end()
+            if separator != b",":
+                self._broken("expected ',' or ']' after an element")
+            self.pos += 1
+            if self._next_byte() in (b"]", None):
+                self._broken("expected an element after ','")
+
+    def _end(self) -> None:
+        self.pos += 1
+        if self._next_byte() is not None:
+            self._broken("text after the closing ']'")
+
+    def _element(self) -> bytes:
+        self.mark = self.pos
+        first = self.buf[self.pos : self.pos + 1]
+        if first in (b"{", b"["):
+            self._skip_nested()
+        elif first == b'"':
+            self.pos += 1
+            self._skip_string()
+        else:  # a number, true/false/null or junk: parse_line says which
+            while not (found := self.SCALAR_END.search(self.buf, self.pos)) and self._fill():
+                pass
+            self.pos = found.start() if found else len(self.buf)
+        element = bytes(self.buf[self.mark : self.pos])
+        self.mark = self.pos
+        return element
+
+    def _skip_nested(self) -> None:
+        depth = 0
+        while True:
+            found = self.STRUCTURE.search(self.buf, self.pos)
+            if not found:
+                self.pos = len(self.buf)
+                if not self._fill():
+                    self._broken("an element that never ends", self.base + self.mark)
+                continue
+            self.pos = found.end()
+            char = found.group()
+            if char == b'"':
+                self._skip_string()
+            elif char in (b"{", b"["):
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0:
+                    return
+
+    def _skip_string(self) -> None:
+        """From just inside a string to just after its closing quote."""
+        opening = self.base + self.pos - 1
+        while True:
+            quote = self.buf.find(b'"', self.pos)
+            if quote < 0:
+                self.pos = len(self.buf)
+                if not self._fill():
+                    self._broken("a string that never ends", opening)
+                continue
+            backslashes = 0
+            while self.buf[quote - 1 - backslashes] == 0x5C:  # the opening quote stops it
+                backslashes += 1
+            self.pos = quote + 1
+            if backslashes % 2 == 0:
+                return
+
+    def _next_byte(self, skip_bom: bool = False) -> bytes | None:
+        """The next byte that is not whitespace (not consumed), or None at the end."""
+        while True:
+            if skip_bom and self.base == 0 and self.pos == 0:
+                if len(self.buf) < 3 and self._fill():
+                    continue
+                if self.buf.startswith(UTF8_BOM):
+                    self.pos = 3
+            while self.pos < len(self.buf) and self.buf[self.pos] in b" \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return bytes(self.buf[self.pos : self.pos + 1])
+            self.mark = self.pos
+            if not self._fill():
+                return None
+
+    def _fill(self) -> bool:
+        """Read a chunk, dropping what is before `mark`; False at the end of the stream."""
+        if self.eof:
+            return False
+        chunk = self.stream.read(CHUNK)
+        if not chunk:
+            self.eof = True
+            return False
+        shift = self.mark
+        del self.buf[:shift]
+        self.buf += chunk
+        self.base += shift
+        self.pos -= shift
+        self.mark = 0
+        return True
+
+    def _broken(self, what: str, offset: int | None = None) -> None:
+        """`offset`: in the stream; where the scanner is if not given."""
+        offset = self.base + self.pos if offset is None else offset
+        raise BrokenArray(f"not a well-formed JSON array: {what} (byte {offset})")
+
+
+# --- Parquet and Arrow ------------------------------------------------------------------
+
+
+def _parquet(name: str, kind: str, files: tuple[Path, ...]) -> Source:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(files[0])
+    except _read_errors() as error:
+        raise SourceError(f"input {name}: {files[0].name} looks like Parquet, but cannot be read: {_one_line(error)}") from None
+    _columns(name, files[0].name, schema.names)
+
+    def read(start: int) -> Iterator[Record]:
+        offset = 0  # rows before the current file
+        for path in files:
+            with pq.ParquetFile(path) as parquet:
+                rows = parquet.metadata.num_rows
+                if offset + rows < start:
+                    offset += rows
+                    continue
+                columns = _columns(name, path.name, parquet.schema_arrow.names)
+                groups: list[int] = []  # row groups to read
+                first = offset + 1  # number of the first row of the first of them
+                for index in range(parquet.num_row_groups):
+                    size = parquet.metadata.row_group(index).num_rows
+                    if first + size <= start and not groups:
+                        first += size
+                        continue
+                    groups.append(index)
+                batches = parquet.iter_batches(ROWS_PER_BATCH, groups, columns) if groups else iter(())
+                yield from _numbered_rows(_skip_batches(batches, max(start - first + 1, 1)), max(start, first))
+                offset += rows
+
+    def count() -> int:
+        return sum(pq.read_metadata(path).num_rows for path in files)
+
+    return Source(name, kind, read, files, count=count)
+
+
+def _arrow(name: str, kind: str, files: tuple[Path, ...]) -> Source:
+    """Arrow IPC files, stream format (what `datasets` writes) or file format."""
+    try:
+        with _arrow_batches(files[0]) as (schema, _):
+            names = schema.names
+    except _read_errors() as error:
+        raise SourceError(f"input {name}: {files[0].name} looks like Arrow, but cannot be read: {_one_line(error)}") from None
+    _columns(name, files[0].name, names)
+
+    def read(start: int) -> Iterator[Record]:
+        number = 1  # of the next row
+        for path in files:
+            with _arrow_batches(path) as (schema, batches):
+                columns = _columns(name, path.name, schema.names)
+                for batch in batches:
+                    if number + batch.num_rows <= start:
+                        number += batch.num_rows
+                        continue
+                    skip = max(start - number, 0)
+                    yield from _numbered_rows(iter([batch.select(columns).slice(skip)]), number + skip)
+                    number += batch.num_rows
+
+    def count() -> int:
+        total = 0
+        for path in files:
+            with _arrow_batches(path) as (_, batches):
+                total += sum(batch.num_rows for batch in batches)
+        return total
+
+    return Source(name, kind, read, files, count=count)
+
+
+@contextmanager
+def _arrow_batches(path: Path) -> Iterator[tuple[Any, Iterator[Any]]]:
+    """(schema, batches) of a memory-mapped Arrow file, stream format (what `datasets`
+    writes) or file format: reading them copies nothing."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as memory:
+        if memory.read(6) == ARROW_FILE:
+            memory.seek(0)
+            reader = pa.ipc.open_file(memory)
+            yield reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            memory.seek(0)
+            stream = pa.ipc.open_stream(memory)
+            yield stream.schema, iter(stream)
+
+
+def _columns(name: str, where: str, names: list[str]) -> list[str]:
+    """The columns to read, or a `SourceError` if none holds the chats."""
+    if "messages" not in names and "conversations" not in names:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise SourceError(
+            f"input {name}: {where} has no 'messages' or 'conversations' column (its columns: {shown or 'none'})"
+        )
+    return [column for column in COLUMNS if column in names]
+
+
+def _skip_batches(batches: Iterator[Any], start: int) -> Iterator[Any]:
+    """The batches from row `start` (1-based) on, the first one cut."""
+    skip = start - 1
+    for batch in batches:
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        yield batch.slice(skip) if skip else batch
+        skip = 0
+
+
+def _numbered_rows(batches: Iterator[Any], first: int) -> Iterator[Record]:
+    number = first
+    for batch in batches:
+        for row in batch.to_pylist(maps_as_pydicts="lossy"):
+            yield number, _dump(arrow_row(row))
+            number += 1
+
+
+# --- folders ----------------------------------------------------------------------------
+
+
+def _folder(path: Path, name: str) -> Source:
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(entry.name for entry in path.iterdir() if (entry / "state.json").is_file())
+        raise SourceError(
+            f"input {path}: a datasets DatasetDict folder (splits: {', '.join(splits)}); "
+            f"pass one split's folder, e.g. {path / (splits[0] if splits else 'train')}"
+        )
+    if (path / "state.json").is_file():
+        try:
+            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+            files = tuple(path / entry["filename"] for entry in state["_data_files"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise SourceError(f"input {path}: a save_to_disk folder whose state.json cannot be read ({error})") from None
+        missing = [file.name for file in files if not file.is_file()]
+        if missing or not files:
+            raise SourceError(f"input {path}: a save_to_disk folder missing its data files ({', '.join(missing) or 'none listed'})")
+        return _arrow(name, "save_to_disk", files)
+    found = (file.relative_to(path) for file in path.rglob("*.parquet"))
+    parquet = sorted(
+        (path / file for file in found if not any(part.startswith(".") for part in file.parts)),
+        key=lambda file: file.relative_to(path).as_posix(),
+    )  # hidden folders (a download cache) left out
+    if not parquet:
+        what = sorted({file.suffix or file.name for file in path.iterdir()})
+        raise SourceError(
+            f"input {path}: a folder, but neither a datasets.save_to_disk folder (no state.json) "
+            f"nor one with .parquet files (it holds: {', '.join(what) or 'nothing'})"
+        )
+    splits = sorted({match["split"] for file in parquet if (match := SPLIT_FILE.search(file.name))})
+    if len(splits) > 1:
+        raise SourceError(
+            f"input {path}: holds Parquet files of several splits ({', '.join(splits)}); "
+            "pass the files or folder of one"
+        )
+    return _parquet(name, "parquet-folder", tuple(parquet))
+
+
+# --- Python -----------------------------------------------------------------------------
+
+
+def _dataset_kind(items: object) -> str | None:
+    """The class of a `datasets` dataset (`Dataset` or `IterableDataset`), None for
+    anything else; datasets is not imported if nobody has."""
+    if "datasets" not in sys.modules:
+        return None
+    import datasets
+
+    if isinstance(items, datasets.Dataset):
+        return "Dataset"
+    return "IterableDataset" if isinstance(items, datasets.IterableDataset) else None
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _dump(record: object) -> bytes:
+    """One record as JSON bytes. A string with a lone surrogate (possible in Python, not
+    in Arrow) is written escaped, so parse_line rejects it as `bad-unicode`; values JSON
+    has no type for (bytes, dates) are written as text."""
+    try:
+        return json.dumps(record, ensure_ascii=False, default=_as_text).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record, default=_as_text).encode("utf-8")
+
+
+def _as_text(value: object) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a corrupt or truncated file raises."""
+    import zlib
+
+    import pyarrow as pa
+
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error, pa.ArrowException, BrokenArray]
+    if "zstandard" in sys.modules:
+        errors.append(sys.modules["zstandard"].ZstdError)
+    return tuple(errors)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
