@@ -118,7 +118,6 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-
 def _check_loss_columns(weights: torch.Tensor | None, units: torch.Tensor | None) -> None:
     if weights is None or plain_token_mean(weights, units):
         return
