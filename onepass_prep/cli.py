@@ -64,7 +64,7 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
 
 @app.command("convert")
 def convert_command(
-    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help="Chat JSONL files (OpenAI messages or ShareGPT)."),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help="Chats (OpenAI messages or ShareGPT): JSONL (also .gz, .zst), a JSON array, Parquet files or folders, a datasets.save_to_disk folder, or - for standard input."),
     model: str = typer.Option(..., "--model", "-m", metavar="MODEL", help="'qwen' (Qwen3, offline), a tokenizer folder or a hub id."),
     out_dir: Path = typer.Option(..., "--out", "-o", metavar="OUT", help="Output folder for shards and manifest."),
     chat_template: Path | None = typer.Option(None, metavar="FILE", help="Jinja file that replaces the tokenizer's chat template."),
@@ -107,12 +107,15 @@ def convert_command(
         resume=resume,
         strict=strict,
     )
-    total = sum(path.stat().st_size for path in inputs if path.is_file())
     columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("convert", total=total)
-            summary = convert(inputs, out_dir, options, lambda size: progress.advance(task, size))
+            task = progress.add_task("convert", total=None)
+
+            def advance(size: int, total: int | None) -> None:
+                progress.update(task, advance=size, total=total)
+
+            summary = convert(inputs, out_dir, options, advance)
     except StrictError as error:
         _fail(error, 3, debug)
     except (ConvertError, OSError) as error:

@@ -4,11 +4,11 @@ wires them together and keeps the counts."""
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from onepass_prep.convert.checkpoint import Checkpoint, RunError
 from onepass_prep.convert.ray_engine import ray_chunk_results
 from onepass_prep.convert.render import Renderer
 from onepass_prep.convert.shards import write_manifest
+from onepass_prep.convert.sources import Source, SourceError, open_source, python_source
 from onepass_prep.convert.tokenizer import LoadedTokenizer, load_tokenizer
 from onepass_prep.convert.work import Rules, chunk_results, finish_chunk, read_chunks
 from onepass_prep.format import FORMAT_NAME, FORMAT_VERSION, NORMALIZATIONS, REJECTED, TRAIN_ON
@@ -76,87 +77,63 @@ class StrictError(ConvertError):
     """--strict met a record it could not convert."""
 
 
-@dataclass
-class Input:
-    """An input file: where it is, what it is called in the output (its path relative to
-    the folder all inputs share, so output bytes do not depend on how a path was typed),
-    and its content hash (what --resume checks)."""
-
-    path: Path
-    name: str
-    bytes: int
-    sha256: str
+Inputs = str | Path | Sequence[str | Path] | Iterable[dict]
 
 
-# The first bytes of files that are plainly not JSON Lines, and what they are.
-NOT_JSONL = {b"\x1f\x8b": "gzip-compressed data", b"\x28\xb5\x2f\xfd": "zstd-compressed data",
-             b"PAR1": "a Parquet file", b"PK\x03\x04": "a zip archive"}
+def open_inputs(inputs: Inputs) -> list[Source]:
+    """Sources for paths (files, folders, `-` for standard input; each named relative to
+    the folder they share, so output bytes do not depend on how a path was typed), or one
+    source for Python data (an iterable of dicts, a `datasets.Dataset`)."""
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
+    items = iter(inputs)
+    first = next(items, None)
+    if first is None:
+        raise ConvertError("no inputs given")
+    if hasattr(inputs, "features"):  # a datasets.Dataset: read in Arrow batches
+        return [python_source(inputs)]
+    if not isinstance(first, str | Path):
+        return [python_source(itertools.chain([first], items))]
+    paths = [Path(p) for p in itertools.chain([first], items) if isinstance(p, str | Path)]
+    files = [p.resolve() for p in paths if str(p) != "-"]
+    if len(set(files)) != len(files) or len(paths) - len(files) > 1:
+        raise ConvertError("an input is given twice")
+    base = Path(os.path.commonpath([f.parent for f in files])) if files else Path.cwd()
+    try:
+        return [open_source(p, None if str(p) == "-" else str(p.resolve().relative_to(base))) for p in paths]
+    except SourceError as error:
+        raise ConvertError(str(error)) from None
 
 
-def _inputs(paths: list[Path]) -> list[Input]:
-    for path in paths:
-        if not path.exists():
-            raise ConvertError(f"input {path}: no such file")
-        if path.is_dir():
-            raise ConvertError(f"input {path}: is a directory, not a JSONL file")
-        if not path.is_file():
-            raise ConvertError(f"input {path}: not a regular file (a pipe or device); save it to a file first")
-        _check_looks_like_jsonl(path)
-    resolved = [path.resolve() for path in paths]
-    if len(set(resolved)) != len(resolved):
-        raise ConvertError("an input file is given twice")
-    base = Path(os.path.commonpath([path.parent for path in resolved]))
-    return [
-        Input(path, str(path.relative_to(base)), path.stat().st_size, _sha256(path)) for path in resolved
-    ]
-
-
-def _check_looks_like_jsonl(path: Path) -> None:
-    with open(path, "rb") as handle:
-        head = handle.read(4096)
-    for magic, what in NOT_JSONL.items():
-        if head.startswith(magic):
-            raise ConvertError(f"input {path}: looks like {what}, not JSON Lines (one JSON object per line)")
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if text.startswith(b"["):
-        raise ConvertError(
-            f"input {path}: looks like a JSON array, not JSON Lines (one JSON object per line)"
-        )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fingerprint(options: ConvertOptions, inputs: list[Input], tokenizer_hash: str) -> dict:
+def _fingerprint(options: ConvertOptions, inputs: list[Source], tokenizer_hash: str) -> dict:
     """What must not change between an interrupted run and its resumption: the inputs by
     what they point to and what they hold, the options, the tokenizer."""
     return {
         "options": _output_options(options),
-        "inputs": [[str(i.path), i.bytes, i.sha256] for i in inputs],
+        "inputs": [[str(i.files), i.kind, i.file_bytes, i.fingerprint()] for i in inputs],
         "tokenizer": tokenizer_hash,
         "tool_version": __version__,
     }
 
 
 def convert(
-    inputs: list[Path],
+    inputs: Inputs,
     out_dir: Path,
     options: ConvertOptions,
-    progress: Callable[[int], None] = lambda _bytes: None,
+    progress: Callable[[int, int | None], None] = lambda _bytes, _total: None,
 ) -> ConvertSummary:
-    """Convert `inputs` into `out_dir`; `progress` is called with byte counts as lines finish."""
+    """Convert `inputs` (paths of any kind docs/input.md lists, or Python data: an
+    iterable of dicts, a `datasets.Dataset`) into `out_dir`; `progress` hears of the
+    bytes of the records done and of their total where it is known (plain JSONL)."""
     if options.train_on not in TRAIN_ON:
         raise ConvertError(f"train_on {options.train_on!r} is not one of {', '.join(TRAIN_ON)}")
     if options.loss_normalization not in NORMALIZATIONS:
         raise ConvertError(
             f"loss_normalization {options.loss_normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
         )
-    files = _inputs(inputs)
+    files = open_inputs(inputs)
+    if options.resume and (once := next((f for f in files if not f.resumable), None)):
+        raise ConvertError(f"input {once.name}: {once.kind} cannot be read again, so a run on it cannot be resumed")
     template = options.chat_template.read_text(encoding="utf-8") if options.chat_template else None
     try:
         loaded = load_tokenizer(options.model, template)
@@ -171,15 +148,17 @@ def convert(
         raise ConvertError(str(error)) from None
     try:
         return _convert(files, out_dir, options, progress, loaded, renderer, run)
+    except SourceError as error:  # an input that broke while it was read (a truncated gzip)
+        raise ConvertError(str(error)) from None
     finally:
         run.release()
 
 
 def _convert(
-    files: list[Input],
+    files: list[Source],
     out_dir: Path,
     options: ConvertOptions,
-    progress: Callable[[int], None],
+    progress: Callable[[int, int | None], None],
     loaded: LoadedTokenizer,
     renderer: Renderer,
     run: Checkpoint,
@@ -191,9 +170,10 @@ def _convert(
         options.think_tags, options.max_seq_len, options.train_on,
         options.loss_normalization,  # type: ignore[arg-type]  # checked in convert()
     )
-    sources = [(file.path, file.name) for file in files]
-    chunks = read_chunks(sources, options.records_per_shard, run.done.chunks, progress)
-    paths = {file.name: file.path for file in files}
+    where = {file.name: str(file.files[0]) if len(file.files) == 1 else file.name for file in files}
+    sizes = [file.size for file in files]
+    total = None if None in sizes else sum(size for size in sizes if size is not None)
+    chunks = read_chunks(files, options.records_per_shard, run.done.chunks, lambda size: progress(size, total))
     if options.engine == "ray":
         results = ray_chunk_results(
             chunks, renderer, options.model, rules, out_dir, options.pack, options.num_proc, options.ray_address
@@ -207,13 +187,13 @@ def _convert(
         for done in results:
             if options.strict and done.rejections:
                 bad = done.rejections[0]
-                raise StrictError(f"{paths[bad.source]}:{bad.line}: {bad.reason}")
+                raise StrictError(f"{where[bad.source]}:{bad.line}: {bad.reason}")
             for rejection in done.rejections:
                 rejected.write((json.dumps(rejection.to_json(), ensure_ascii=False) + "\n").encode())
             rejected.flush()
             _add_counts(summary, done.counts)
             run.save(done.shard, rejected.tell(), _counts(summary))
-            progress(done.size)
+            progress(done.size, total)
     summary.shards = len(run.done.shards)
     reasoning_field = renderer.reasoning_field(options.chat_template_kwargs)
     write_manifest(out_dir, _manifest(loaded, reasoning_field, options, files, run.done.shards, summary))
@@ -259,7 +239,7 @@ def _output_options(options: ConvertOptions) -> dict:
 
 def _manifest(
     loaded: LoadedTokenizer, reasoning_field: str | None, options: ConvertOptions,
-    inputs: list[Input], shards: list[dict], summary: ConvertSummary,
+    inputs: list[Source], shards: list[dict], summary: ConvertSummary,
 ) -> dict:
     return {
         "format": FORMAT_NAME,
@@ -272,8 +252,10 @@ def _manifest(
             "reasoning_field": reasoning_field,
         },
         "options": _output_options(options),
-        "input_base": str(Path(os.path.commonpath([file.path.parent for file in inputs]))),
-        "inputs": [{"name": file.name, "bytes": file.bytes, "sha256": file.sha256} for file in inputs],
+        "inputs": [
+            {"name": file.name, "kind": file.kind, "bytes": file.file_bytes, "sha256": file.fingerprint()}
+            for file in inputs
+        ],
         "shards": shards,
         "counts": {
             "read": summary.read,

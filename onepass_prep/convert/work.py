@@ -19,6 +19,7 @@ from onepass_prep.convert.pack import pack
 from onepass_prep.convert.records import BadRecord, Conversation, Rejection, parse_line
 from onepass_prep.convert.render import Rendered, Renderer, Sample
 from onepass_prep.convert.shards import write_shard
+from onepass_prep.convert.sources import Source
 from onepass_prep.convert.tokenizer import load_tokenizer
 from onepass_prep.convert.tree import Layout, layout_samples
 
@@ -153,28 +154,27 @@ class Chunk:
 
 
 def read_chunks(
-    inputs: list[tuple[Path, str]], records: int, first_chunk: int, skipped: Callable[[int], None]
+    sources: list[Source], records: int, first_chunk: int, skipped: Callable[[int], None]
 ) -> Iterator[Chunk]:
-    """The input, file after file, cut into chunks of `records` records (the last may be
-    shorter), each in batches of about a megabyte; chunks before `first_chunk` are read
+    """The input, source after source, cut into chunks of `records` records (the last may
+    be shorter), each in batches of about a megabyte; chunks before `first_chunk` are read
     past (their bytes reported to `skipped`)."""
     index, number, batches, batch, size = 0, 0, [], [], 0
-    for path, name in inputs:
-        with open(path, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                number += 1
-                if index < first_chunk:
-                    skipped(len(raw))
-                else:
-                    batch.append((name, line_number, raw))
-                    size += len(raw)
-                    if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
-                        batches.append(batch)
-                        batch, size = [], 0
-                if number == records:
-                    if index >= first_chunk:
-                        yield Chunk(index, batches + [batch] * bool(batch))
-                    index, number, batches, batch, size = index + 1, 0, [], [], 0
+    for source in sources:
+        for record_number, raw in source.records():
+            number += 1
+            if index < first_chunk:
+                skipped(len(raw))
+            else:
+                batch.append((source.name, record_number, raw))
+                size += len(raw)
+                if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
+                    batches.append(batch)
+                    batch, size = [], 0
+            if number == records:
+                if index >= first_chunk:
+                    yield Chunk(index, batches + [batch] * bool(batch))
+                index, number, batches, batch, size = index + 1, 0, [], [], 0
     if number and index >= first_chunk:
         yield Chunk(index, batches + [batch] * bool(batch))
 

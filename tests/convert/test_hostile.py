@@ -191,14 +191,14 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda p: p.mkdir(), "is a directory, not a JSONL file"),
+        (lambda p: p.mkdir(), "a folder, but neither a datasets.save_to_disk folder"),
         (lambda p: os.mkfifo(p), "not a regular file"),
-        (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00rest"), "looks like gzip-compressed data"),
-        (lambda p: p.write_text('[{"messages": []}]'), "looks like a JSON array"),
+        (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00rest"), "looks like gzip-compressed data, but cannot be read"),
+        (lambda p: p.write_bytes(b"PK\x03\x04rest"), "looks like a zip archive"),
     ],
-    ids=["folder", "fifo", "gzip", "json-array"],
+    ids=["folder", "fifo", "gzip", "zip"],
 )
-def test_inputs_that_are_not_jsonl_are_refused_in_one_line(tmp_path, make, message):
+def test_inputs_that_cannot_be_read_are_refused_in_one_line(tmp_path, make, message):
     path = tmp_path / "input"
     make(path)
     result = convert(path, "--model", "qwen", "-o", tmp_path / "out")
