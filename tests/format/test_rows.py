@@ -77,6 +77,14 @@ BROKEN = {
     "empty row": _set(input_ids=[], position_ids=[], labels=[], num_tokens=0, num_trained_tokens=0),
     "input_ids is null": _set(input_ids=None),
     "input_ids holds a null": _set(input_ids=[10, 11, None, 13, 14, 15, 16]),
+    "loss weight != 0 at an untrained token": _set(loss_weights=[0.5, 1, 1, 1, 1, 0, 1]),
+    "loss weight not > 0 and finite at a trained token": _set(loss_weights=[0, 1, 0, 1, 1, 0, 1]),
+    "loss weight not > 0 and finite at a trained token ": _set(loss_weights=[0, 1, float("nan"), 1, 1, 0, 1]),
+    "loss weight not > 0 and finite at a trained token  ": _set(loss_weights=[0, 1, -1, 1, 1, 0, 1]),
+    "len(loss_weights) != len(input_ids)": _set(loss_weights=[0, 1]),
+    "loss_units not in [0, num_trained_tokens]": _set(loss_units=6),
+    "loss_units is 0 but tokens are trained, or the reverse": _set(loss_units=0),
+    "loss_units is null": _set(loss_units=None),
 }
 
 
@@ -167,10 +175,10 @@ def test_folder_without_manifest_is_an_unfinished_run(tmp_path: Path) -> None:
 
 
 def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
-    folder = write_run(tmp_path / "v2", [copy.deepcopy(BASE)], 4, 2, version=2)
-    with pytest.raises(FormatError, match="format_version 2 is unknown"):
+    folder = write_run(tmp_path / "v3", [copy.deepcopy(BASE)], 4, 2, version=3)
+    with pytest.raises(FormatError, match="format_version 3 is unknown"):
         OnePassDataset(folder, cache_dir=tmp_path / "cache")
-    with pytest.raises(FormatError, match="format_version 2 is unknown"):
+    with pytest.raises(FormatError, match="format_version 3 is unknown"):
         OnePassIterableDataset(folder)
 
 
