@@ -273,7 +273,7 @@ def stats_command(
 @app.command("verify")
 def verify_command(
     path: Path = typer.Argument(..., metavar="PATH", help="An output folder or one of its shards."),
-    inputs: list[Path] = typer.Option(..., "--input", "-i", metavar="INPUT.jsonl", exists=True, dir_okay=False, help="The JSONL the run was converted from (repeat for several)."),
+    inputs: list[Path] = typer.Option(..., "--input", "-i", metavar="INPUT", help="What the run was converted from, as given to convert (repeat for several)."),
     model: str | None = typer.Option(None, "--model", "-m", metavar="MODEL", help="Tokenizer to use instead of the manifest's name; its hash must match."),
     model_check: bool = typer.Option(False, help="Also compare per-token losses of a tiny random Qwen3 (needs torch)."),
 ) -> None:

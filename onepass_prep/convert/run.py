@@ -4,11 +4,9 @@ wires them together and keeps the counts."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from onepass_prep.convert.checkpoint import Checkpoint, RunError
 from onepass_prep.convert.ray_engine import ray_chunk_results
 from onepass_prep.convert.render import Renderer
 from onepass_prep.convert.shards import write_manifest
-from onepass_prep.convert.sources import Source, SourceError, open_source, python_source
+from onepass_prep.convert.sources import Inputs, Source, SourceError, open_inputs
 from onepass_prep.convert.tokenizer import LoadedTokenizer, load_tokenizer
 from onepass_prep.convert.work import Rules, chunk_results, finish_chunk, read_chunks
 from onepass_prep.format import FORMAT_NAME, FORMAT_VERSION, NORMALIZATIONS, REJECTED, TRAIN_ON
@@ -77,34 +75,6 @@ class StrictError(ConvertError):
     """--strict met a record it could not convert."""
 
 
-Inputs = str | Path | Sequence[str | Path] | Iterable[dict]
-
-
-def open_inputs(inputs: Inputs) -> list[Source]:
-    """Sources for paths (files, folders, `-` for standard input; each named relative to
-    the folder they share, so output bytes do not depend on how a path was typed), or one
-    source for Python data (an iterable of dicts, a `datasets.Dataset`)."""
-    if isinstance(inputs, str | Path):
-        inputs = [inputs]
-    items = iter(inputs)
-    first = next(items, None)
-    if first is None:
-        raise ConvertError("no inputs given")
-    if hasattr(inputs, "features"):  # a datasets.Dataset: read in Arrow batches
-        return [python_source(inputs)]
-    if not isinstance(first, str | Path):
-        return [python_source(itertools.chain([first], items))]
-    paths = [Path(p) for p in itertools.chain([first], items) if isinstance(p, str | Path)]
-    files = [p.resolve() for p in paths if str(p) != "-"]
-    if len(set(files)) != len(files) or len(paths) - len(files) > 1:
-        raise ConvertError("an input is given twice")
-    base = Path(os.path.commonpath([f.parent for f in files])) if files else Path.cwd()
-    try:
-        return [open_source(p, None if str(p) == "-" else str(p.resolve().relative_to(base))) for p in paths]
-    except SourceError as error:
-        raise ConvertError(str(error)) from None
-
-
 def _fingerprint(options: ConvertOptions, inputs: list[Source], tokenizer_hash: str) -> dict:
     """What must not change between an interrupted run and its resumption: the inputs by
     what they point to and what they hold, the options, the tokenizer."""
@@ -131,9 +101,15 @@ def convert(
         raise ConvertError(
             f"loss_normalization {options.loss_normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
         )
-    files = open_inputs(inputs)
+    try:
+        files = open_inputs(inputs)
+    except SourceError as error:
+        raise ConvertError(str(error)) from None
     if options.resume and (once := next((f for f in files if not f.resumable), None)):
-        raise ConvertError(f"input {once.name}: {once.kind} cannot be read again, so a run on it cannot be resumed")
+        raise ConvertError(
+            f"input {once.name}: cannot be read a second time (standard input and Python data are "
+            "read once), so a run on it cannot be resumed"
+        )
     template = options.chat_template.read_text(encoding="utf-8") if options.chat_template else None
     try:
         loaded = load_tokenizer(options.model, template)

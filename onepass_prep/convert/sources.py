@@ -22,10 +22,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
+import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -594,3 +596,28 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+Inputs = str | Path | Sequence[str | Path] | Iterable[dict]
+
+
+def open_inputs(inputs: Inputs) -> list[Source]:
+    """Sources for paths (files, folders, `-` for standard input; each named relative to
+    the folder they share, so output bytes do not depend on how a path was typed), or one
+    source for Python data (an iterable of dicts, a `datasets.Dataset`)."""
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
+    items = iter(inputs)
+    first = next(items, None)
+    if first is None:
+        raise SourceError("no inputs given")
+    if hasattr(inputs, "features"):  # a datasets.Dataset: read in Arrow batches
+        return [python_source(inputs)]
+    if not isinstance(first, str | Path):
+        return [python_source(itertools.chain([first], items))]
+    paths = [Path(p) for p in itertools.chain([first], items) if isinstance(p, str | Path)]
+    files = [p.resolve() for p in paths if str(p) != "-"]
+    if len(set(files)) != len(files) or len(paths) - len(files) > 1:
+        raise SourceError("an input is given twice")
+    base = Path(os.path.commonpath([f.parent for f in files])) if files else Path.cwd()
+    return [open_source(p, None if str(p) == "-" else str(p.resolve().relative_to(base))) for p in paths]

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onepass_prep.convert.records import BadRecord, Conversation, Rejection, read_jsonl
+from onepass_prep.convert.records import BadRecord, Conversation, Rejection, parse_line
 from onepass_prep.convert.render import Renderer, template_error, with_null_fallback
+from onepass_prep.convert.sources import Source, SourceError, open_inputs
 from onepass_prep.format import FormatError, loss_settings
 from onepass_prep.inspection.pairs import Powers, row_keys, sample_keys
 from onepass_prep.inspection.runs import Run, iter_rows, load_run_tokenizer
@@ -217,8 +218,11 @@ def _expected(
     rejected = Counter((entry.get("id"), entry.get("line")) for entry in run.rejected())
     read = unreadable = 0
     expected = []
-    for path in inputs:
-        for record in read_jsonl(path, think_tags, loss["train_on"]):
+    for source in _sources(inputs):
+        for number, raw in source.records():
+            record = parse_line(raw, source.name, number, think_tags, loss["train_on"])
+            if record is None:
+                continue
             read += 1
             if isinstance(record, Rejection):
                 unreadable += 1
@@ -305,3 +309,11 @@ def _row_place(run: Run, number: int) -> str:
             return f"row {number} ({file}: row {number - run.first_row - offset})"
         offset += rows
     return f"row {number}"
+
+
+def _sources(inputs: list[Path]) -> list[Source]:
+    """The inputs as `convert` reads them (any kind, named alike)."""
+    try:
+        return open_inputs(inputs)
+    except SourceError as error:
+        raise FormatError(str(error)) from None

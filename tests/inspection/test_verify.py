@@ -121,7 +121,7 @@ def test_unlabelled_trained_token_is_reported_with_conversation_and_turn(tmp_pat
     result = verify(tampered(tmp_path, no_pack(), number, unlabel))
     assert result.exit_code == 1
     assert "MISMATCH: 2 problems" in result.output  # the pair, and the row's loss_units
-    assert (f"conversation math-001 ({SAMPLE}:{line_of('math-001')}), turn 2 "
+    assert (f"conversation math-001 ({SAMPLE.name}:{line_of('math-001')}), turn 2 "
             f"(message {assistant_message('math-001', 2)}), sample token {spot['pos']} "
             "'<think>': not trained with exactly its context and loss weight 1 in any row") in result.output
     trained = sum(len(ids) - start for ids, start in source_samples(SAMPLE)["math-001"])
@@ -154,7 +154,7 @@ def test_changed_segment_parent_is_reported(tmp_path):
 
     result = verify(tampered(tmp_path, no_pack(), number, reparent))
     assert result.exit_code == 1
-    assert (f"conversation math-001 ({SAMPLE}:{line_of('math-001')}), turn 3 "
+    assert (f"conversation math-001 ({SAMPLE.name}:{line_of('math-001')}), turn 3 "
             f"(message {assistant_message('math-001', 3)}), sample token ") in result.output
     assert f"row {number} (" in result.output and "labelled, but no N-pass sample" in result.output
 
