@@ -118,6 +118,12 @@ class Checkpoint:
             progress.write(json.dumps(entry) + "\n")
         self.done = Done(self.done.chunks + 1, rejected_bytes, counts, [*self.done.shards, shard])
 
+    def drop_leftovers(self) -> None:
+        """Remove the temporary file of a shard whose writer was killed (its chunk was
+        written again by another), before the manifest says the folder is complete."""
+        for path in self.out_dir.glob("part-*.parquet.tmp*"):
+            path.unlink()
+
     def finish(self) -> None:
         (self.out_dir / PROGRESS).unlink(missing_ok=True)
 

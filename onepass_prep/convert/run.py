@@ -172,6 +172,7 @@ def _convert(
             progress(done.size, total)
     summary.shards = len(run.done.shards)
     reasoning_field = renderer.reasoning_field(options.chat_template_kwargs)
+    run.drop_leftovers()
     write_manifest(out_dir, _manifest(loaded, reasoning_field, options, files, run.done.shards, summary))
     run.finish()
     return summary
