@@ -83,3 +83,24 @@ def test_second_trained_branch_gets_a_copy_of_the_branch_point():
     assert layout.input_ids.tolist() == [1, 2, 3, 4, 2, 5, 6]
     assert layout.position_ids.tolist() == [0, 1, 2, 3, 1, 2, 3]
     assert layout.labels.tolist() == [-100, -100, 3, 4, -100, 5, 6]
+
+
+def test_a_branch_that_leaves_through_context_needs_no_copy():
+    """The second sample leaves the shared prefix where the first one's training starts, but
+    its own tokens there are context: it hangs under the prefix itself, no token repeated."""
+    layout = layout_samples([Sample(np.asarray([1, 2, 3, 4], np.int32), 2),
+                             Sample(np.asarray([1, 2, 5, 6, 7], np.int32), 4)])
+    assert layout.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert layout.labels.tolist() == [-100, -100, 3, 4, -100, -100, 7]
+
+
+def test_a_split_context_run_stays_shared():
+    """The second sample splits the first one's context run; the third shares the lower
+    half again (only the trained branch point is repeated); the fourth shares the second
+    child of the split, not just the first."""
+    layout = layout_samples([Sample(np.asarray([1, 2, 3, 4, 9], np.int32), 4),
+                             Sample(np.asarray([1, 2, 7, 8], np.int32), 3),
+                             Sample(np.asarray([1, 2, 3, 4, 6], np.int32), 4),
+                             Sample(np.asarray([1, 2, 7, 8, 5], np.int32), 4)])
+    assert layout.input_ids.tolist() == [1, 2, 3, 4, 9, 4, 6, 7, 8, 5]
+    assert layout.seg_parents.tolist() == [-1, 0, 1, 1, 0]
