@@ -58,7 +58,7 @@ def build_attention_mask(
     chosen = _kind_for(model, kind)
     if chosen == "tree":
         raise ValueError(f"tree attention takes no mask: pass {PLAN_KEY}=tree_plan(subtree_end)")
-    if chosen == "flex":
+    if chosen == "flex":  # block tables straight from subtree_end: no L x L, no compile
         return block_mask(subtree_end)
     if chosen == "bool":
         return bool_mask(subtree_end)
@@ -78,7 +78,8 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
     """Make ``model(**batch)`` build ``attention_mask`` from the collator's ``subtree_end``.
 
     ``kind`` defaults to what the model's attention implementation takes (sdpa: bool, eager:
-    float, flex_attention: BlockMask), read at every call. ``kind="tree"`` switches the model to
+    float, flex_attention: a ``BlockMask`` whose block tables come from ``subtree_end`` on the
+    model's device, masks.py), read at every call. ``kind="tree"`` switches the model to
     ``attn_implementation="onepass_tree"`` (tree_attention.py: no L x L mask, work on about the
     visible pairs) and passes the chain plan instead of a mask. Every call must carry
     ``subtree_end`` and ``position_ids``: without a 4D mask transformers would read the

@@ -3,15 +3,30 @@
 Token ``q`` may attend to token ``kv`` iff ``kv <= q <= subtree_end[kv]``: rows are in
 depth-first pre-order, so ``kv``'s descendants are exactly ``kv + 1 .. subtree_end[kv]`` and
 this is the FORMAT.md rule "kv <= q and kv's segment is q's segment or an ancestor of it".
+
+The FlexAttention ``BlockMask`` is built from block tables computed directly from
+``subtree_end``, never from an L x L evaluation and never through ``torch.compile``. For the
+``block_size`` x ``block_size`` tile of query block ``I = [q0, q1]`` and key block
+``J = [k0, k1]``:
+
+- some pair is visible iff ``k0 <= q1`` and ``max(subtree_end[J]) >= q0`` (when ``k0 <= q1``
+  every key of ``J`` is at most ``q1``; the key that reaches furthest decides);
+- every pair is visible iff ``k1 <= q0`` and ``min(subtree_end[J]) >= q1``, and both blocks
+  lie inside the row (a tile cut by the row's end is never full, as in ``create_block_mask``).
+
+Those are exact, so the tables are the ones ``create_block_mask`` derives from the dense
+mask: the fewest tiles the kernel must visit, and ``mask_mod`` runs only on partial tiles.
+The work is two reductions over ``subtree_end`` (O(L)) and a few element-wise operations and
+sorts over ``B x (L / block_size)²`` tiles (65,536 per 32k-token row), all on the device in
+eager torch: no host round trip, nothing to compile, so a new row length costs nothing extra.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask
 
 
 def bool_mask(subtree_end: torch.Tensor) -> torch.Tensor:
@@ -38,21 +53,42 @@ def tree_mask_mod(subtree_end: torch.Tensor) -> Callable:
     return mask_mod
 
 
-@cache
-def _compiled_create_block_mask() -> Callable:
-    return torch.compile(create_block_mask)
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, R, C]`` bool -> per row the count of True tiles and all column indices, the True
+    ones first in ascending order (flex's layout), as ``[B, 1, R]`` and ``[B, 1, R, C]`` int32."""
+    counts = tiles.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True)
+    return counts[:, None].contiguous(), indices.to(torch.int32)[:, None].contiguous()
 
 
-def block_mask(subtree_end: torch.Tensor, block_size: int = 128, compile: bool = True) -> BlockMask:
-    """FlexAttention ``BlockMask`` (heads broadcast) for ``attn_implementation="flex_attention"``.
+def block_mask(subtree_end: torch.Tensor, block_size: int = 128) -> BlockMask:
+    """FlexAttention ``BlockMask`` (heads broadcast) for ``attn_implementation="flex_attention"``,
+    from per-key-block minima and maxima of ``subtree_end`` (see the module docstring).
 
-    Uncompiled, ``create_block_mask`` evaluates ``mask_mod`` on all L x L pairs at once;
-    compiled, it works block by block. Compiling costs seconds once, then once more when the
-    length first changes (shapes turn dynamic); new batches reuse the compiled code.
+    Any ``L`` works; the collator's default (a multiple of 128) avoids tiles cut by the row's
+    end. ``mask_mod`` reads ``subtree_end`` padded to whole blocks (a padded key sees only
+    itself), so it never indexes past the tensor even in a tile that the row's end cuts.
     """
-    build = _compiled_create_block_mask() if compile else create_block_mask
     batch, length = subtree_end.shape
-    return build(
-        tree_mask_mod(subtree_end), batch, None, length, length,
-        device=subtree_end.device, BLOCK_SIZE=block_size,
+    device = subtree_end.device
+    blocks = -(-length // block_size)
+    position = torch.arange(blocks * block_size, device=device)
+    padded = torch.cat([subtree_end, position[length:].expand(batch, -1)], dim=1)
+    per_block = padded.view(batch, blocks, block_size)
+    reach_min, reach_max = per_block.amin(-1), per_block.amax(-1)  # [B, blocks], per key block
+    first = position[::block_size]
+    last = first + block_size - 1
+    q_first, q_last = first[:, None], last[:, None]  # query blocks down, key blocks across
+    some = (first[None, :] <= q_last) & (reach_max[:, None, :] >= q_first)
+    inside = last < length
+    every = (
+        (last[None, :] <= q_first)
+        & (reach_min[:, None, :] >= q_last)
+        & (inside[:, None] & inside[None, :])
+    )
+    kv_num_blocks, kv_indices = _ordered(some & ~every)
+    full_kv_num_blocks, full_kv_indices = _ordered(every)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        BLOCK_SIZE=block_size, mask_mod=tree_mask_mod(padded), seq_lengths=(length, length),
     )
