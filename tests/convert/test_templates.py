@@ -141,20 +141,21 @@ def converted(template: str) -> tuple[list[dict], list[dict], dict, dict, str]:
 
 
 @functools.cache
-def oracle(template: str) -> tuple[dict[int, list[tuple[list[int], int]]], set[int]]:
+def oracle(template: str) -> tuple[dict[int, list[tuple[list[int], int]]], dict[int, tuple[str, str]]]:
     """The N-pass samples of each generated record (by line) from the independent oracle,
-    and the lines it rejects (the template cannot render them, or they train nothing)."""
+    and the lines it rejects, with the kind and the template's own message (the template
+    cannot render them) or the kind alone (they train nothing)."""
     records = converted(template)[0]
     tokenizer, reads = reference_tokenizer(TEMPLATES / template), READS[template]
-    samples, refused = {}, set()
+    samples, refused = {}, {}
     for line, record in enumerate(records, start=1):
         try:
             found = contract_samples(record, tokenizer, reads, KWARGS[template])
-        except Refused:
-            refused.add(line)
+        except Refused as error:
+            refused[line] = ("template-error", str(error))
             continue
         if not any(start < len(ids) for ids, start in found):
-            refused.add(line)  # nothing to train
+            refused[line] = ("nothing-to-train", "")
             continue
         samples[line] = found
     return samples, refused
@@ -175,7 +176,12 @@ def test_template_converts_exactly(template):
             if start < len(ids) and reasoning and reasoning.strip():
                 turns_with_reasoning += 1
                 dropped += reasoning.strip() not in tokenizer.decode(ids[start:])
-    assert set(rejected) == refused, {n: rejected[n]["reason"] for n in set(rejected) ^ refused if n in rejected}
+    assert set(rejected) == set(refused), {n: rejected[n]["reason"] for n in set(rejected) ^ set(refused) if n in rejected}
+    for line, (kind, message) in refused.items():
+        assert rejected[line]["kind"] == kind
+        assert rejected[line]["reason"].endswith(message)
+        if kind == "template-error":
+            assert rejected[line]["reason"].startswith("chat template failed: ")
     assert sum((one_pass_pairs(row) for row in rows), Counter()) == expected
     assert len(rows) < len(records) - len(refused)  # packed: several chats per row
     assert manifest["reasoning_audit"] == {

@@ -60,12 +60,12 @@ def contract_samples(
         return n_pass_samples(messages, record.get("tools"), tokenizer, **kwargs)
     except Exception as error:
         if not any(m["content"] is None for m in messages):
-            raise Refused(str(error)) from None
+            raise Refused(f"{type(error).__name__}: {error}") from None
     messages = [{**m, "content": "" if m["content"] is None else m["content"]} for m in messages]
     try:
         return n_pass_samples(messages, record.get("tools"), tokenizer, **kwargs)
     except Exception as error:
-        raise Refused(str(error)) from None
+        raise Refused(f"{type(error).__name__}: {error}") from None
 
 
 SHAREGPT = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
