@@ -48,7 +48,7 @@ def oracle_samples(weighted) -> dict[str, list[tuple[list[int], int]]]:
 @pytest.mark.parametrize("normalization", ["token", "turn", "conversation"])
 def test_rows_train_each_sample_with_the_oracles_weight(normalization, train_on, weighted, oracle_samples):
     records, source = weighted
-    out = converted(f"weighted-{normalization}-{train_on}", "--max-seq-len", "4096",
+    out = converted(f"loss-{normalization}-{train_on}", "--max-seq-len", "4096",
                     "--loss-normalization", normalization, "--train-on", train_on, source=source)
     expected, units, untrainable = Counter(), {}, set()
     for record in records:
@@ -73,7 +73,7 @@ def test_rows_train_each_sample_with_the_oracles_weight(normalization, train_on,
 def test_train_on_last_duplicates_nothing(weighted):
     """One sample per conversation: each trains once and shares its context with nobody."""
     _, source = weighted
-    out = converted("weighted-last-plain", "--max-seq-len", "4096", "--train-on", "last", source=source)
+    out = converted("loss-last-plain", "--max-seq-len", "4096", "--train-on", "last", source=source)
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     for row in table.to_pylist():
         assert row["mask_spec"]["seg_parents"] == [-1] * len(row["conversation_ids"])  # a chain each

@@ -25,7 +25,9 @@ def cli(*args, columns: int = 100):
 
 @functools.cache
 def converted(name: str, *extra: str, source: Path = SAMPLE) -> Path:
-    out = Path(_ROOT.name) / name
+    """A run, made once per session for these arguments (`name` starts its folder's name;
+    two tests that pick the same name still get a folder each)."""
+    out = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_ROOT.name)) / "run"
     result = cli("convert", source, "--model", "qwen", "-o", out, *extra)
     assert result.exit_code == 0, result.output
     return out
