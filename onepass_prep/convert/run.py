@@ -80,7 +80,9 @@ def _fingerprint(options: ConvertOptions, inputs: list[Source], tokenizer_hash: 
     what they point to and what they hold, the options, the tokenizer."""
     return {
         "options": _output_options(options),
-        "inputs": [[str(i.files), i.kind, i.file_bytes, i.fingerprint()] for i in inputs],
+        "inputs": [
+            [[str(f.resolve()) for f in i.files] or i.name, i.kind, i.file_bytes, i.fingerprint()] for i in inputs
+        ],
         "tokenizer": tokenizer_hash,
         "tool_version": __version__,
     }
