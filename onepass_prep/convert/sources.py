@@ -607,12 +607,12 @@ def open_inputs(inputs: Inputs) -> list[Source]:
     source for Python data (an iterable of dicts, a `datasets.Dataset`)."""
     if isinstance(inputs, str | Path):
         inputs = [inputs]
+    if hasattr(inputs, "features"):  # a datasets.Dataset: read in Arrow batches
+        return [python_source(inputs)]
     items = iter(inputs)
     first = next(items, None)
     if first is None:
         raise SourceError("no inputs given")
-    if hasattr(inputs, "features"):  # a datasets.Dataset: read in Arrow batches
-        return [python_source(inputs)]
     if not isinstance(first, str | Path):
         return [python_source(itertools.chain([first], items))]
     paths = [Path(p) for p in itertools.chain([first], items) if isinstance(p, str | Path)]
