@@ -39,12 +39,16 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, byt
     return data, folder_bytes(out)
 
 
-def wait_for_shards(process: subprocess.Popen, out: Path, count: int) -> None:
+def ray_run_with_shards(data: Path, out: Path, count: int) -> subprocess.Popen:
+    """A two-worker Ray run, once it has written `count` shards."""
+    process = subprocess.Popen(command(data, out, "--engine", "ray", "--num-proc", "2"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while len(list(out.glob("part-*.parquet"))) < count:
         assert process.poll() is None, "finished before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return process
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -67,9 +71,7 @@ def ray_workers() -> list[int]:
 def test_a_killed_worker_is_replaced_and_the_bytes_do_not_change(local, tmp_path):
     data, expected = local
     out = tmp_path / "out"
-    process = subprocess.Popen(command(data, out, "--engine", "ray", "--num-proc", "2"), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_shards(process, out, 1)
+    process = ray_run_with_shards(data, out, 1)
     victims = ray_workers()
     assert victims
     os.kill(victims[0], signal.SIGKILL)
@@ -81,9 +83,7 @@ def test_a_killed_worker_is_replaced_and_the_bytes_do_not_change(local, tmp_path
 def test_an_interrupted_ray_run_resumes_to_the_same_bytes(local, tmp_path):
     data, expected = local
     out = tmp_path / "out"
-    process = subprocess.Popen(command(data, out, "--engine", "ray", "--num-proc", "2"), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for_shards(process, out, 3)
+    process = ray_run_with_shards(data, out, 3)
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=120)
     assert process.returncode == 130
