@@ -19,7 +19,7 @@ from typing import Any
 
 from onepass_prep.convert.render import Renderer
 from onepass_prep.convert.tokenizer import load_tokenizer
-from onepass_prep.convert.work import Chunk, ChunkResult, Rules, convert_lines, finish_chunk
+from onepass_prep.convert.work import Chunk, ChunkResult, Rules, finish_chunk, ordered_results
 
 
 class ChunkConverter:
@@ -29,10 +29,12 @@ class ChunkConverter:
                  out_dir: str, packed: bool) -> None:
         loaded = load_tokenizer(model, chat_template)
         self.renderer = Renderer(loaded.tokenizer, rules.think_tags, template_kwargs)
-        self.rules, self.out_dir, self.packed = rules, Path(out_dir), packed
+        self.model, self.rules, self.out_dir, self.packed = model, rules, Path(out_dir), packed
 
     def convert(self, chunk: Chunk) -> ChunkResult:
-        results = [result for batch in chunk.batches for result in convert_lines(batch, self.renderer, self.rules)]
+        # the local engine's one-process pipeline: render a batch while the last one tokenizes
+        work = ordered_results(iter(chunk.batches), self.renderer, self.model, self.rules, 1)
+        results = [result for _, found in work for result in found]
         return finish_chunk(chunk, results, self.out_dir, self.rules.max_seq_len, self.packed)
 
 

@@ -213,7 +213,8 @@ def finish_chunk(
 def chunk_results(
     chunks: Iterator[Chunk], renderer: Renderer, model: str, rules: Rules, num_proc: int
 ) -> Iterator[tuple[Chunk, list[Converted | Rejection]]]:
-    """Each chunk with the results of its lines, in input order."""
+    """Each chunk with the results of its lines, in input order (every chunk has a batch:
+    `read_chunks` makes none without a line)."""
     pending: deque[Chunk] = deque()
 
     def batches() -> Iterator[list[Line]]:
@@ -229,8 +230,6 @@ def chunk_results(
         while pending and done == len(pending[0].batches):
             yield pending.popleft(), results
             results, done = [], 0
-    while pending:  # chunks without lines (an empty file at the end) have no batches
-        yield pending.popleft(), []
 
 
 def ordered_results(
