@@ -237,6 +237,7 @@ def test_onepass_loss_shift_precision_and_empty_step() -> None:
 
 DDP_SCRIPT = textwrap.dedent(
     """
+    import datetime
     import json
     import sys
     import torch
@@ -250,7 +251,9 @@ DDP_SCRIPT = textwrap.dedent(
         from helpers.torch_models import tiny_model
         from onepass_prep.torch import OnePassCollator, forward_loss, install_mask_hook, step_denominator
 
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        # a collective that cannot complete fails in a minute, with the reason, not at the test's timeout
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
         collate = OnePassCollator(pad_to_multiple_of=16)
         data = json.loads(open(rows_path).read())  # six rows: rank r takes rows r, r + 2, r + 4
         mine = [collate([row]) for row in data[rank::world]]
@@ -262,6 +265,10 @@ DDP_SCRIPT = textwrap.dedent(
             context = ddp.no_sync() if i < len(mine) - 1 else torch.enable_grad()
             with context:
                 (forward_loss(ddp, batch, denominator)[0] * world).backward()
+        # leave the group together, before rank 0's long reference: a rank that had left
+        # alone could leave the other waiting in destroy_process_group (a hang seen in CI)
+        dist.barrier()
+        dist.destroy_process_group()
         if rank == 0:
             single = tiny_model("qwen3", "sdpa")
             install_mask_hook(single)
@@ -273,7 +280,6 @@ DDP_SCRIPT = textwrap.dedent(
                 for p, q in zip(model.parameters(), single.parameters())
             )
             print(int(denominator), units, worst)
-        dist.destroy_process_group()
 
     if __name__ == "__main__":
         mp.spawn(run, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
