@@ -152,3 +152,20 @@ def _ordered_mixer(layer: nn.Module) -> str | None:
         if any(isinstance(m, nn.Conv1d) or "A_log" in m._parameters for m in modules):
             return type(child).__name__
     return None
+
+
+def row_limit(model: PreTrainedModel) -> tuple[int, str] | None:
+    """The longest row (padded length) that stays exact, and why, where a layer reads the row
+    index instead of ``position_ids``: Llama 4 scales the queries of its NoPE layers by
+    ``log1p(floor((index + 1) / floor_scale))``, which is 0 for both the row index and the
+    N-pass position while the row is shorter than ``floor_scale``."""
+    config = model.config.get_text_config()
+    no_rope = getattr(config, "no_rope_layers", None) or []
+    if not getattr(config, "attn_temperature_tuning", False) or all(no_rope):
+        return None
+    longest = int(config.floor_scale) - 1
+    return longest, (
+        f"{type(model).__name__}'s attention temperature tuning (attn_temperature_tuning, NoPE "
+        f"layers) reads the row index, not position_ids, and equals N-pass only in rows of at most "
+        f"floor_scale - 1 = {longest} tokens; convert with --max-seq-len {longest} or less"
+    )

@@ -45,10 +45,10 @@ from torch.nn.attention.flex_attention import BlockMask
 def key_limits(position_ids: torch.Tensor, window: int | None = None, chunk: int | None = None) -> torch.Tensor:
     """``[B, L]``: per key, the first query position that no longer sees it (a sliding window
     of ``window``, or chunks of ``chunk``)."""
-    if (window is None) == (chunk is None):
-        raise ValueError("give a window or a chunk size")
-    if window is not None:
+    if window is not None and chunk is None:
         return position_ids + window
+    if chunk is None or window is not None:
+        raise ValueError("give a window or a chunk size")
     return (torch.div(position_ids, chunk, rounding_mode="floor") + 1) * chunk
 
 

@@ -135,7 +135,7 @@ def tree_attention(
 
     Reads the tree from ``kwargs[PLAN_KEY]`` (the mask hook puts it there) and refuses
     anything it would otherwise silently ignore: a missing plan, a mask, dropout, a window,
-    a softcap.
+    a softcap, attention sinks.
     """
     plan: TreePlan | None = kwargs.get(PLAN_KEY)
     batch, heads, length, dim = query.shape
@@ -150,6 +150,11 @@ def tree_attention(
         raise ValueError(f"{TREE_ATTENTION!r} attention takes its tree from the plan, not a mask")
     if dropout or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         raise ValueError(f"{TREE_ATTENTION!r} attention has no dropout, sliding window or softcap")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"{TREE_ATTENTION!r} attention has no attention sinks (s_aux): use attn_implementation "
+            "'eager' or 'flex_attention'"
+        )
     groups = heads // key.shape[1]
     gathered_keys = _flat(key).index_select(2, plan.keys).split(plan.key_sizes, 2)
     gathered_values = _flat(value).index_select(2, plan.keys).split(plan.key_sizes, 2)
