@@ -168,7 +168,7 @@ def tree_attention(
             outputs.append(attend(q, k, v, is_causal=True))
         else:
             outputs.append(v.repeat_interleave(groups, 1))
-    out = torch.cat(outputs, 2).view(heads, batch, length, dim)
+    out = torch.cat(outputs, 2).view(heads, batch, length, value.shape[-1])  # MLA: v dim != qk dim
     return out.permute(1, 2, 0, 3).contiguous(), None
 
 
