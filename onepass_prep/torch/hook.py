@@ -118,7 +118,10 @@ def _structure_inputs(
 ) -> dict[str, Any]:
     """The model-call arguments that carry the tree: a mask, or tree attention's plan."""
     if _kind_for(model, kind) == "tree":
-        return {PLAN_KEY: tree_plan(subtree_end.to(model.device, non_blocking=True))}
+        limits = tuple((layer.window, layer.chunk) for layer in layers)
+        if all(limit == (None, None) for limit in limits):
+            return {PLAN_KEY: tree_plan(subtree_end.to(model.device, non_blocking=True))}
+        return {PLAN_KEY: tree_plan(subtree_end.to(model.device, non_blocking=True), position_ids, limits)}
     return {"attention_mask": build_attention_mask(model, subtree_end, kind, position_ids, layers)}
 
 
@@ -147,12 +150,12 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
     layers = check_layers(model)
     longest = row_limit(model)
     if kind == "tree":
-        windowed = sorted({layer.describe() for layer in layers if layer.attention != "full"})
-        if windowed:
+        softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
+        if softcap is not None:
             raise ValueError(
-                f"{TREE_ATTENTION!r} attention has no sliding window or chunks, and "
-                f"{type(model).__name__} has layers with {', '.join(windowed)}: use "
-                "install_mask_hook(model) with attn_implementation 'sdpa', 'eager' or 'flex_attention'"
+                f"{TREE_ATTENTION!r} attention has no logit softcapping, and {type(model).__name__} "
+                f"caps its attention logits at {softcap}: use install_mask_hook(model) with "
+                "attn_implementation 'eager' or 'flex_attention'"
             )
         register_tree_attention()
         model.set_attn_implementation(TREE_ATTENTION)

@@ -21,19 +21,28 @@ def lines(output: str) -> dict[str, str]:
     return out
 
 
-def test_a_window_model_is_exact_and_tree_attention_says_what_to_use(tmp_path) -> None:
+def test_a_window_model_is_exact_through_every_implementation(tmp_path) -> None:
     T.Gemma3TextConfig(sliding_window=512, sliding_window_pattern=3).save_pretrained(tmp_path)
     result = cli("check-model", tmp_path, columns=400)
     assert result.exit_code == 0, result.output
     assert "layers of the tiny model: 2 x sliding window 5, full attention" in result.output
     got = lines(result.output)
-    for implementation in ("sdpa", "eager", "flex_attention"):
+    for implementation in ("sdpa", "eager", "flex_attention", "onepass_tree"):
         assert got[implementation].startswith("exact "), result.output
         assert "163 token losses, largest difference" in got[implementation]
+
+
+def test_tree_attention_says_why_not_and_what_to_use(tmp_path) -> None:
+    T.Gemma2Config(sliding_window=512).save_pretrained(tmp_path)
+    result = cli("check-model", tmp_path, columns=400)
+    assert result.exit_code == 0, result.output
+    got = lines(result.output)
+    assert got["sdpa"].startswith("not available Gemma2ForCausalLM does not support an attention")
+    assert got["eager"].startswith("exact ")
     assert got["onepass_tree"] == (
-        "refused       'onepass_tree' attention has no sliding window or chunks, and "
-        "Gemma3ForCausalLM has layers with sliding window 5: use install_mask_hook(model) with "
-        "attn_implementation 'sdpa', 'eager' or 'flex_attention'"
+        "refused       'onepass_tree' attention has no logit softcapping, and Gemma2ForCausalLM caps "
+        "its attention logits at 50.0: use install_mask_hook(model) with attn_implementation "
+        "'eager' or 'flex_attention'"
     )
 
 
@@ -74,10 +83,12 @@ def test_verify_model_check_runs_the_tokenizer_folders_architecture(tmp_path) ->
 def test_a_mask_that_misses_the_window_is_caught(tmp_path, monkeypatch) -> None:
     """The hook as it was (the tree mask on every layer): check-model says so and fails."""
     import onepass_prep.torch.hook as hook
+    import onepass_prep.torch.tree_attention as tree_attention
 
-    monkeypatch.setattr(hook, "key_limits", lambda position_ids, window, chunk: position_ids + 10**6)
+    for module in (hook, tree_attention):
+        monkeypatch.setattr(module, "key_limits", lambda position_ids, window, chunk: position_ids + 10**6)
     T.MistralConfig(sliding_window=4096).save_pretrained(tmp_path)
     result = cli("check-model", tmp_path, columns=400)
     assert result.exit_code == 1, result.output
     got = lines(result.output)
-    assert all(got[name].startswith("differs") for name in ("sdpa", "eager", "flex_attention")), result.output
+    assert all(got[name].startswith("differs") for name in ("sdpa", "eager", "flex_attention", "onepass_tree"))

@@ -173,15 +173,24 @@ def expected_losses(name: str) -> torch.Tensor:
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_one_pass_equals_n_passes(name: str, implementation: str) -> None:
     tree = implementation == TREE_ATTENTION
-    model = build(name, "sdpa" if tree else implementation)
+    model = build(name, "eager" if tree else implementation)
     assert [k.attention for k in check_layers(model)] == ARCHITECTURES[name][1]
-    if tree and name in WINDOWED:
-        with pytest.raises(ValueError, match="has no sliding window or chunks") as refused:
+    if tree and name == "gemma2_softcap":
+        with pytest.raises(ValueError) as refused:
             install_mask_hook(model, kind="tree")
-        assert "use install_mask_hook(model) with attn_implementation 'sdpa', 'eager'" in str(refused.value)
+        assert str(refused.value) == (
+            "'onepass_tree' attention has no logit softcapping, and Gemma2ForCausalLM caps its "
+            "attention logits at 5.0: use install_mask_hook(model) with attn_implementation "
+            "'eager' or 'flex_attention'"
+        )
         return
     if implementation == "flex_attention" and name == "gpt_oss_sinks" and not torch.cuda.is_available():
         pytest.skip("transformers runs attention sinks under flex on CUDA only")
+    if tree and name == "gpt_oss_sinks":
+        install_mask_hook(model, kind="tree")
+        with pytest.raises(ValueError, match=r"no attention sinks \(s_aux\): use attn_implementation 'eager'"):
+            one_pass(model, backward=False)
+        return
     install_mask_hook(model, kind="tree" if tree else None)
     backward = implementation != "flex_attention"  # flex's backward: GPU kernel only
     got, grads = one_pass(model, backward)
