@@ -275,7 +275,7 @@ def verify_command(
     path: Path = typer.Argument(..., metavar="PATH", help="An output folder or one of its shards."),
     inputs: list[Path] = typer.Option(..., "--input", "-i", metavar="INPUT", help="What the run was converted from, as given to convert (repeat for several)."),
     model: str | None = typer.Option(None, "--model", "-m", metavar="MODEL", help="Tokenizer to use instead of the manifest's name; its hash must match."),
-    model_check: bool = typer.Option(False, help="Also compare per-token losses of a tiny random Qwen3 (needs torch)."),
+    model_check: bool = typer.Option(False, help="Also compare per-token losses of a tiny random model of the tokenizer folder's architecture (its config.json; Qwen3 without one) through the runtime's masks (needs torch)."),
 ) -> None:
     """Re-render the N-pass samples and check every row against them: exit 0 only if exact."""
     from onepass_prep.format import FormatError
@@ -303,6 +303,28 @@ def verify_command(
     for problem in report.problems:
         out.print(f"  {problem}", highlight=False, markup=False)
     raise typer.Exit(1)
+
+
+@app.command("check-model")
+def check_model_command(
+    source: str = typer.Argument(..., metavar="PATH", help="A model folder with config.json (or the file itself), or a hub id."),
+) -> None:
+    """Is one-pass training exact for this architecture? A tiny random-weight model of the
+    config against N separate passes, per attention implementation: exit 0 if one is exact."""
+    from onepass_prep.inspection.model_check import check_model, load_config
+
+    try:
+        layers, verdicts = check_model(load_config(source))
+    except ValueError as error:
+        _fail(error, 1, debug=False)
+    out = Console(soft_wrap=True, highlight=False)
+    out.print(f"layers of the tiny model: {escape(layers)}")
+    colour = {"exact": "green", "differs": "red", "refused": "yellow", "not available": "dim"}
+    for verdict in verdicts:
+        result = f"[{colour[verdict.result]}]{verdict.result:<13}[/{colour[verdict.result]}]"
+        out.print(f"{verdict.implementation:<15} {result} {escape(verdict.detail)}")
+    if not any(v.result == "exact" for v in verdicts):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

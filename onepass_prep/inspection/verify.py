@@ -109,10 +109,11 @@ def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -
     ]
     _check_pairs(run, expected, weighted, seen, loaded.tokenizer.decode, report)
     if model_check:
-        from onepass_prep.inspection.model_check import check_losses
+        from onepass_prep.inspection.model_check import check_losses, run_config
 
         if report.ok:
-            report.model_check = check_losses(run, expected, expected_keys, powers, report)
+            config = run_config(run, model)
+            report.model_check = check_losses(run, expected, expected_keys, powers, report, config)
         else:
             report.model_check = "skipped: the rows do not match the samples"
     return report

@@ -4,6 +4,12 @@ A forward pre-hook is the one place every training loop passes through: plain lo
 ``transformers.Trainer`` and TRL ``SFTTrainer`` all call ``model(**batch)``. The batch stays
 O(L) until the model's forward, and the L x L mask is built there, on the model's device
 (or, for tree attention, the O(L) chain plan that replaces the mask).
+
+Each layer gets the mask of its kind (layers.py): a model whose layers are all one kind gets
+one mask, and a model with several kinds gets ``attention_mask`` as a mapping from layer type
+to mask, which transformers 5 models take as given ("it may already have been prepared by
+generate"), one mask per layer type, built once per call. Models no mask can make exact are
+refused when the hook is installed.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.hooks import RemovableHandle
 
 from .collate import STRUCTURE_KEY
+from .layers import LayerKind, check_layers, row_limit
 from .loss import UNITS_KEY, WEIGHTS_KEY, plain_token_mean
-from .masks import block_mask, bool_mask, float_mask
+from .masks import block_mask, bool_mask, float_mask, key_limits
 from .tree_attention import PLAN_KEY, TREE_ATTENTION, register_tree_attention, tree_plan
 
 if TYPE_CHECKING:  # the hook serves transformers models; the runtime does not import it
@@ -50,28 +57,72 @@ def _kind_for(model: PreTrainedModel, kind: MaskKind | None) -> MaskKind:
     return kind
 
 
+Mask = torch.Tensor | BlockMask
+
+
 def build_attention_mask(
-    model: PreTrainedModel, subtree_end: torch.Tensor, kind: MaskKind | None = None
-) -> torch.Tensor | BlockMask:
-    """The mask ``model`` needs for this batch, on the model's device and in its dtype."""
-    subtree_end = subtree_end.to(model.device, non_blocking=True)
+    model: PreTrainedModel,
+    subtree_end: torch.Tensor,
+    kind: MaskKind | None = None,
+    position_ids: torch.Tensor | None = None,
+    layers: list[LayerKind] | None = None,
+) -> Mask | dict[str, Mask]:
+    """The mask ``model`` needs for this batch, on the model's device and in its dtype: one
+    mask, or one per layer type (``{layer_type: mask}``) for a model with several kinds of
+    layer. ``position_ids`` are needed by sliding-window and chunked layers; ``layers`` is
+    ``check_layers(model)``, read here when not given."""
+    layers = check_layers(model) if layers is None else layers
     chosen = _kind_for(model, kind)
     if chosen == "tree":
         raise ValueError(f"tree attention takes no mask: pass {PLAN_KEY}=tree_plan(subtree_end)")
+    subtree_end = subtree_end.to(model.device, non_blocking=True)
+    by_type = {layer.layer_type: layer for layer in layers}
+    built: dict[tuple, Mask] = {}
+    masks: dict[str | None, Mask] = {}
+    for layer_type, layer in by_type.items():
+        key = (layer.attention, layer.window, layer.chunk)
+        if key not in built:
+            built[key] = _mask(model, chosen, subtree_end, position_ids, layer)
+        masks[layer_type] = built[key]
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return {str(layer_type): mask for layer_type, mask in masks.items()}
+
+
+def _mask(
+    model: PreTrainedModel,
+    chosen: MaskKind,
+    subtree_end: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    layer: LayerKind,
+) -> Mask:
+    limit = None
+    if layer.attention != "full":
+        if position_ids is None:
+            raise ValueError(f"a layer with {layer.describe()} needs the batch's position_ids")
+        position_ids = position_ids.to(model.device, non_blocking=True)
+        limit = key_limits(position_ids, layer.window, layer.chunk)
     if chosen == "flex":  # block tables straight from subtree_end: no L x L, no compile
-        return block_mask(subtree_end)
+        return block_mask(subtree_end, position_ids=position_ids, limit=limit)
     if chosen == "bool":
-        return bool_mask(subtree_end)
-    return float_mask(subtree_end, model.dtype)
+        return bool_mask(subtree_end, position_ids, limit)
+    return float_mask(subtree_end, model.dtype, position_ids, limit)
 
 
 def _structure_inputs(
-    model: PreTrainedModel, subtree_end: torch.Tensor, kind: MaskKind | None
+    model: PreTrainedModel,
+    subtree_end: torch.Tensor,
+    position_ids: torch.Tensor,
+    kind: MaskKind | None,
+    layers: list[LayerKind],
 ) -> dict[str, Any]:
     """The model-call arguments that carry the tree: a mask, or tree attention's plan."""
     if _kind_for(model, kind) == "tree":
-        return {PLAN_KEY: tree_plan(subtree_end.to(model.device, non_blocking=True))}
-    return {"attention_mask": build_attention_mask(model, subtree_end, kind)}
+        limits = tuple((layer.window, layer.chunk) for layer in layers)
+        if all(limit == (None, None) for limit in limits):
+            return {PLAN_KEY: tree_plan(subtree_end.to(model.device, non_blocking=True))}
+        return {PLAN_KEY: tree_plan(subtree_end.to(model.device, non_blocking=True), position_ids, limits)}
+    return {"attention_mask": build_attention_mask(model, subtree_end, kind, position_ids, layers)}
 
 
 def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> RemovableHandle:
@@ -96,7 +147,16 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
     """
     if any(getattr(h, "onepass_mask_hook", False) for h in model._forward_pre_hooks.values()):
         raise ValueError("a mask hook is already installed on this model (the second would fail)")
+    layers = check_layers(model)
+    longest = row_limit(model)
     if kind == "tree":
+        softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
+        if softcap is not None:
+            raise ValueError(
+                f"{TREE_ATTENTION!r} attention has no logit softcapping, and {type(model).__name__} "
+                f"caps its attention logits at {softcap}: use install_mask_hook(model) with "
+                "attn_implementation 'eager' or 'flex_attention'"
+            )
         register_tree_attention()
         model.set_attn_implementation(TREE_ATTENTION)
     _kind_for(model, kind)  # fail at install time on an impossible combination
@@ -111,8 +171,11 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
             raise ValueError("the mask hook needs the batch's position_ids (tree depths)")
         if kwargs.get("attention_mask") is not None:
             raise ValueError("the batch already has an attention_mask; the hook builds it")
+        if longest is not None and kwargs[STRUCTURE_KEY].shape[-1] > longest[0]:
+            raise ValueError(f"rows of {kwargs[STRUCTURE_KEY].shape[-1]} tokens: {longest[1]}")
         _check_loss_columns(kwargs.pop(WEIGHTS_KEY, None), kwargs.pop(UNITS_KEY, None))
-        kwargs.update(_structure_inputs(model, kwargs.pop(STRUCTURE_KEY), kind))
+        structure = kwargs.pop(STRUCTURE_KEY)
+        kwargs.update(_structure_inputs(model, structure, kwargs["position_ids"], kind, layers))
         return args, kwargs
 
     hook.onepass_mask_hook = True  # type: ignore[attr-defined]

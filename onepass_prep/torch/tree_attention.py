@@ -15,7 +15,7 @@ softmax over one key is 1, so that is exact.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .masks import key_limits
 
 TREE_ATTENTION = "onepass_tree"
 PLAN_KEY = "onepass_tree_plan"
@@ -43,6 +45,11 @@ class TreePlan:
     attends to the next ``key_sizes[i]`` entries of ``keys`` (flat token indices) through
     ``masks[i]``: a bool ``[queries, keys]`` mask, ``"causal"`` (a chain with no context) or
     ``"self"`` (tokens that see only themselves). Built once per forward, used by every layer.
+
+    For models with sliding-window or chunked layers, ``layer_limits[i]`` is layer ``i``'s
+    ``(window, chunk)`` and ``positions`` the flattened ``position_ids``: such a layer's span
+    masks also keep ``p[q] < limit[kv]`` (masks.py), built by the first layer of each kind
+    and kept in ``limited``.
     """
 
     shape: tuple[int, int]
@@ -50,6 +57,31 @@ class TreePlan:
     query_sizes: list[int]
     key_sizes: list[int]
     masks: list[torch.Tensor | SpanKind]
+    positions: torch.Tensor | None = None
+    layer_limits: tuple[tuple[int | None, int | None], ...] = ()
+    limited: dict[tuple[int | None, int | None], list[torch.Tensor | SpanKind]] = field(
+        default_factory=dict, compare=False
+    )
+
+    def masks_for(self, window: int | None, chunk: int | None) -> list[torch.Tensor | SpanKind]:
+        """The span masks of a layer with this window or chunk size (None, None: the tree's)."""
+        if window is None and chunk is None:
+            return self.masks
+        if (window, chunk) not in self.limited:
+            if self.positions is None:
+                raise ValueError("a window or chunked layer needs a plan built with position_ids")
+            limits = key_limits(self.positions[self.keys], window, chunk).split(self.key_sizes)
+            queries = self.positions.split(self.query_sizes)
+            out: list[torch.Tensor | SpanKind] = []
+            for q, limit, mask in zip(queries, limits, self.masks, strict=True):
+                if isinstance(mask, str) and mask == "self":  # a token always sees itself
+                    out.append(mask)
+                    continue
+                if isinstance(mask, str):
+                    mask = torch.ones(len(q), len(q), dtype=torch.bool, device=q.device).tril()
+                out.append(mask & (q[:, None] < limit[None, :]))
+            self.limited[(window, chunk)] = out
+        return self.limited[(window, chunk)]
 
 
 def _chains(row: np.ndarray) -> Iterator[tuple[int, int, np.ndarray | None]]:
@@ -97,8 +129,13 @@ def _spans(row: np.ndarray, device: torch.device) -> Iterator[Span]:
             yield queries, visible, torch.from_numpy((kv <= q) & (q <= row[kv])).to(device)
 
 
-def tree_plan(subtree_end: torch.Tensor) -> TreePlan:
-    """The spans of every row of a collated ``subtree_end`` ``[B, L]``, on its device."""
+def tree_plan(
+    subtree_end: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    layer_limits: tuple[tuple[int | None, int | None], ...] = (),
+) -> TreePlan:
+    """The spans of every row of a collated ``subtree_end`` ``[B, L]``, on its device; with
+    ``position_ids`` and each layer's ``(window, chunk)`` for models with such layers."""
     ends = subtree_end.cpu().numpy()
     batch, length = ends.shape
     keys: list[np.ndarray] = []
@@ -112,7 +149,8 @@ def tree_plan(subtree_end: torch.Tensor) -> TreePlan:
             key_sizes.append(len(visible))
             masks.append(mask)
     flat_keys = torch.from_numpy(np.concatenate(keys)).to(subtree_end.device)
-    return TreePlan((batch, length), flat_keys, query_sizes, key_sizes, masks)
+    positions = None if position_ids is None else position_ids.to(subtree_end.device).reshape(-1)
+    return TreePlan((batch, length), flat_keys, query_sizes, key_sizes, masks, positions, layer_limits)
 
 
 def _flat(states: torch.Tensor) -> torch.Tensor:
@@ -134,8 +172,9 @@ def tree_attention(
     """transformers attention interface: ``[B, H, L, D]`` in, ``[B, L, H, D]`` out (GQA allowed).
 
     Reads the tree from ``kwargs[PLAN_KEY]`` (the mask hook puts it there) and refuses
-    anything it would otherwise silently ignore: a missing plan, a mask, dropout, a window,
-    a softcap.
+    anything it would otherwise silently ignore: a missing plan, a mask, dropout, a window
+    the plan does not hold, a softcap, attention sinks. A window or chunked layer (the plan's
+    ``layer_limits`` at the module's ``layer_idx``) attends through its limited span masks.
     """
     plan: TreePlan | None = kwargs.get(PLAN_KEY)
     batch, heads, length, dim = query.shape
@@ -148,22 +187,34 @@ def tree_attention(
         raise ValueError(f"tree plan is for [B, L] = {list(plan.shape)}, the call has {[batch, length]}")
     if attention_mask is not None:
         raise ValueError(f"{TREE_ATTENTION!r} attention takes its tree from the plan, not a mask")
-    if dropout or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+    window = chunk = None
+    if plan.layer_limits:
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise ValueError(f"{TREE_ATTENTION!r} attention needs the layer's layer_idx for its window")
+        window, chunk = plan.layer_limits[layer]
+    if dropout or kwargs.get("sliding_window") not in (None, window) or kwargs.get("softcap") is not None:
         raise ValueError(f"{TREE_ATTENTION!r} attention has no dropout, sliding window or softcap")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"{TREE_ATTENTION!r} attention has no attention sinks (s_aux): use attn_implementation "
+            "'eager' or 'flex_attention'"
+        )
     groups = heads // key.shape[1]
     gathered_keys = _flat(key).index_select(2, plan.keys).split(plan.key_sizes, 2)
     gathered_values = _flat(value).index_select(2, plan.keys).split(plan.key_sizes, 2)
     queries = _flat(query).split(plan.query_sizes, 2)
     attend = partial(F.scaled_dot_product_attention, scale=scaling, enable_gqa=True)
     outputs = []
-    for q, k, v, mask in zip(queries, gathered_keys, gathered_values, plan.masks, strict=True):
+    masks = plan.masks_for(window, chunk)
+    for q, k, v, mask in zip(queries, gathered_keys, gathered_values, masks, strict=True):
         if isinstance(mask, torch.Tensor):
             outputs.append(attend(q, k, v, mask))
         elif mask == "causal":
             outputs.append(attend(q, k, v, is_causal=True))
         else:
             outputs.append(v.repeat_interleave(groups, 1))
-    out = torch.cat(outputs, 2).view(heads, batch, length, dim)
+    out = torch.cat(outputs, 2).view(heads, batch, length, value.shape[-1])  # MLA: v dim != qk dim
     return out.permute(1, 2, 0, 3).contiguous(), None
 
 
