@@ -112,7 +112,8 @@ def _instance_forward_passes_through(model: nn.Module) -> bool:
     if patched is None:
         return True
     function = getattr(patched, "__func__", patched)
-    return function.__module__.startswith("trl.") and getattr(function, "__wrapped__", None) is type(model).forward
+    defined_in = getattr(function, "__globals__", {}).get("__name__", "")  # wraps copies __module__
+    return defined_in.startswith("trl.") and getattr(function, "__wrapped__", None) is type(model).forward
 
 
 def output_head(model: nn.Module) -> OutputHead | None:
