@@ -104,16 +104,27 @@ def _forward_key(model: nn.Module) -> str | None:
     return f"{family}.{forward.__qualname__.removesuffix('.forward')}"
 
 
+# Wrappers of a model's forward that call it unchanged in a context: TRL's fused-head patch
+# (SFTTrainer adds it; without ``fused_lm_head=True`` it calls the forward as is,
+# trl/trainer/utils.py ``add_fused_lm_head``), autocast as a decorator, and accelerate's
+# mixed-precision wrapper (autocast, then outputs to float32, ``Accelerator.prepare_model``).
+_PASS_THROUGH = ("trl.", "torch.amp.", "accelerate.")
+
+
 def _instance_forward_passes_through(model: nn.Module) -> bool:
-    """No forward set on the instance, or TRL's fused-head patch (SFTTrainer adds it), which
-    without ``fused_lm_head=True`` calls the class's forward unchanged (trl/trainer/utils.py,
-    ``add_fused_lm_head``)."""
-    patched = vars(model).get("forward")
-    if patched is None:
-        return True
-    function = getattr(patched, "__func__", patched)
-    defined_in = getattr(function, "__globals__", {}).get("__name__", "")  # wraps copies __module__
-    return defined_in.startswith("trl.") and getattr(function, "__wrapped__", None) is type(model).forward
+    """No forward set on the instance, or one whose ``__wrapped__`` chain leads to the class's
+    forward through ``_PASS_THROUGH`` wrappers only."""
+    link = vars(model).get("forward")
+    while link is not None and link is not type(model).forward:
+        link = getattr(link, "__func__", link)
+        globals_ = getattr(link, "__globals__", None)
+        defined_in = globals_["__name__"] if globals_ else type(link).__module__  # wraps copies __module__
+        if not defined_in.startswith(_PASS_THROUGH):
+            return False
+        link = getattr(link, "__wrapped__", None)
+        if link is None:
+            return False
+    return True
 
 
 def output_head(model: nn.Module) -> OutputHead | None:
@@ -223,29 +234,30 @@ def _chunked(
     model: Any, head: OutputHead, inputs: Mapping[str, Any], labels: torch.Tensor,
     loss_weights: torch.Tensor, model_kwargs: Mapping[str, Any],
 ) -> tuple[torch.Tensor, Any]:
-    captured: list[torch.Tensor] = []
+    totals: list[torch.Tensor] = []
 
-    def keep_hidden(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured.append(output.last_hidden_state)
+    def loss_of_body(_module: nn.Module, _args: Any, output: Any) -> None:
+        # Inside the model's call, so under whatever context its forward sets (autocast) as
+        # its own head would be.
+        hidden = output.last_hidden_state
+        rows, positions = predicting_positions(labels.to(hidden.device))
+        device = head.weight.device
+        picked = hidden[rows, positions].to(device)
+        targets = labels.to(device)[rows.to(device), positions.to(device) + 1]
+        weights = loss_weights.to(device)[rows.to(device), positions.to(device) + 1]
+        totals.append(ChunkedHeadLoss.apply(picked, head.weight, head.bias, targets, weights, head.transform))
 
     # The call goes through the model itself, so its pre-hooks (the mask hook), DDP and any
     # wrapper see it as usual; its own head gets no position.
-    handle = head.body.register_forward_hook(keep_hidden)
+    handle = head.body.register_forward_hook(loss_of_body)
     try:
         none = torch.zeros(0, dtype=torch.long, device=labels.device)
         outputs = model(**inputs, **model_kwargs, logits_to_keep=none)
     finally:
         handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"the model ran its body {len(captured)} times in one call; expected once")
-    hidden = captured[0]
-    labels = labels.to(hidden.device)
-    rows, positions = predicting_positions(labels)
-    picked = hidden[rows, positions].to(head.weight.device)
-    targets = labels[rows, positions + 1].to(head.weight.device)
-    weights = loss_weights.to(head.weight.device)[rows, positions + 1]
-    total = ChunkedHeadLoss.apply(picked, head.weight, head.bias, targets, weights, head.transform)
-    return total, outputs
+    if len(totals) != 1:
+        raise RuntimeError(f"the model ran its body {len(totals)} times in one call; expected once")
+    return totals[0], outputs
 
 
 def _kept(

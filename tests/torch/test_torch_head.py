@@ -200,3 +200,28 @@ def test_empty_batch_has_a_zero_loss_with_gradients() -> None:
     assert loss.item() == 0
     loss.backward()
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_mixed_precision_and_trl_wrappers_keep_the_chunked_head() -> None:
+    """SFTTrainer's fused-head patch under accelerate's bf16 wrapper (autocast, outputs to
+    float32), as Trainer prepares a model: still recognised, and the head runs under the
+    forward's autocast, as the model's own would (bf16 agreement with the full logits)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = make_model("qwen3")
+    install_mask_hook(model)
+    add_fused_lm_head(model)
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+        assert output_head(prepared) is not None
+        micro = micro_batches("turn")
+        loss, grads = step(prepared, micro)
+        full_loss, full_grads = step(prepared, micro, full_logits=True)
+    finally:
+        AcceleratorState._reset_state(True)
+    torch.testing.assert_close(loss, full_loss, rtol=2e-2, atol=0)
+    for name, grad in full_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, name
