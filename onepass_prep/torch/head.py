@@ -130,9 +130,11 @@ def _instance_forward_passes_through(model: nn.Module) -> bool:
 def output_head(model: nn.Module) -> OutputHead | None:
     """The model's head if it is one ``ChunkedHeadLoss`` computes exactly, else None.
 
-    Recognised: a model that runs the forward of one of the ForCausalLM classes of ``_KNOWN``
-    (a subclass that overrides ``forward`` is not recognised), whose ``get_output_embeddings()`` is a plain ``nn.Linear`` (tied or not) with whole,
-    ordinary weights (not FSDP-sharded DTensors, not DeepSpeed ZeRO-3 placeholders).
+    Recognised: a model (or the module of a DDP wrapper) that runs the forward of one of the
+    ForCausalLM classes of ``_KNOWN`` (a subclass that overrides ``forward`` is not), called
+    as is or through pass-through wrappers only, whose ``get_output_embeddings()`` is a plain
+    ``nn.Linear`` (tied or not) with whole, ordinary weights (not FSDP-sharded DTensors, not
+    DeepSpeed ZeRO-3 placeholders).
     """
     inner = _unwrap(model)
     key = _forward_key(inner)
@@ -151,8 +153,8 @@ def output_head(model: nn.Module) -> OutputHead | None:
 def predicting_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, positions)`` of every position ``t - 1`` whose next token ``t`` is trained,
     in row-major order."""
-    rows, targets = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
-    return rows, targets
+    rows, positions = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
+    return rows, positions
 
 
 def weighted_cross_entropy(
