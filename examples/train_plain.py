@@ -1,7 +1,7 @@
 """Train on onepass-prep shards with a plain PyTorch loop.
 
     .venv/bin/pip install -e '.[examples]'      # once, after the README's set-up
-    onepass-prep convert sample_data/chats.jsonl --model qwen --max-seq-len 2048 -o out/sample
+    onepass-prep convert sample_data/chats.jsonl --model qwen -o out/sample   # the README's demo
     python examples/train_plain.py out/sample
 
 Any loss normalization (`convert --loss-normalization token|turn|conversation`) and message
@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from common import load_model, parse_args
+from common import load_model, mask_kind, parse_args
 from torch.utils.data import DataLoader
 
 from onepass_prep.torch import (
@@ -32,7 +32,8 @@ def main() -> None:
     dataset = OnePassDataset(args.out_dir)  # validates every row once, then memory-maps
     model = load_model(args.model, args.attn)
     check_vocab_size(model, dataset)
-    install_mask_hook(model)  # model(**batch) now builds the tree mask on the model's device
+    # model(**batch) now builds the tree's mask (or tree attention's plan) on the model's device
+    install_mask_hook(model, kind=mask_kind(args.attn))
     loader = DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=OnePassCollator())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     # Under DDP, which averages gradients over ranks, scale each loss by the world size:
@@ -49,7 +50,8 @@ def main() -> None:
         step_loss = 0.0
         for batch in micro:
             batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
-            loss, _ = forward_loss(model, batch, denominator)  # the model never sees the weights
+            # logits only where a token is trained, the head in chunks; no weights reach the model
+            loss, _ = forward_loss(model, batch, denominator)
             (loss * world).backward()
             step_loss += loss.item()
         optimizer.step()

@@ -1,7 +1,7 @@
 """Train on onepass-prep shards with TRL's SFTTrainer.
 
     .venv/bin/pip install -e '.[examples]'      # once, after the README's set-up
-    onepass-prep convert sample_data/chats.jsonl --model qwen --max-seq-len 2048 -o out/sample
+    onepass-prep convert sample_data/chats.jsonl --model qwen -o out/sample   # the README's demo
     python examples/train_sft.py out/sample
 """
 
@@ -11,7 +11,7 @@ import tempfile
 
 import datasets
 import torch
-from common import load_model, parse_args
+from common import load_model, mask_kind, parse_args
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -34,7 +34,7 @@ def main() -> None:
     model = load_model(args.model, args.attn)
     tokenizer = AutoTokenizer.from_pretrained(args.model or qwen_tokenizer_dir())
     check_vocab_size(model, checked)
-    install_mask_hook(model)
+    install_mask_hook(model, kind=mask_kind(args.attn))
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(),
         max_steps=args.steps,

@@ -1,7 +1,7 @@
 """Train on onepass-prep shards with transformers.Trainer.
 
     .venv/bin/pip install -e '.[examples]'      # once, after the README's set-up
-    onepass-prep convert sample_data/chats.jsonl --model qwen --max-seq-len 2048 -o out/sample
+    onepass-prep convert sample_data/chats.jsonl --model qwen -o out/sample   # the README's demo
     python examples/train_trainer.py out/sample
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 
-from common import load_model, parse_args
+from common import load_model, mask_kind, parse_args
 from transformers import Trainer, TrainingArguments
 
 from onepass_prep.torch import (
@@ -26,7 +26,7 @@ def main() -> None:
     dataset = OnePassDataset(args.out_dir)
     model = load_model(args.model, args.attn)
     check_vocab_size(model, dataset)
-    install_mask_hook(model)
+    install_mask_hook(model, kind=mask_kind(args.attn))
     training = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
         max_steps=args.steps,

@@ -1,5 +1,6 @@
 """Torch runtime for onepass-prep shards: datasets, collator, tree attention masks, model hook,
-mask-free tree attention, and the weighted loss (plain loops, Trainer, SFTTrainer).
+mask-free tree attention, and the weighted loss with logits only where a token is trained
+(plain loops, Trainer, SFTTrainer).
 
 Imports torch, numpy and pyarrow only. See docs/training.md.
 """

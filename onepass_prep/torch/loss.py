@@ -17,9 +17,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from onepass_prep.format import IGNORE_INDEX
+from .head import full_logits_sum, head_loss
 
 WEIGHTS_KEY = "loss_weights"
 UNITS_KEY = "loss_units"
@@ -38,35 +37,49 @@ def onepass_loss(
     them (the causal shift is done here: token ``t`` is predicted at position ``t - 1``).
     ``denominator`` is the optimizer step's summed ``loss_units`` (all micro-batches, all
     ranks); a step without any unit divides by 1 (its sum is 0). Only trained positions reach
-    the cross-entropy, so no ``[B, L, V]`` float32 copy of the logits is made.
+    the cross-entropy, so no ``[B, L, V]`` float32 copy of the logits is made. For logits a
+    model has not computed yet, ``forward_loss`` is cheaper: it computes only these.
     """
     if logits.shape[:2] != labels.shape or labels.shape != loss_weights.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)}, labels {tuple(labels.shape)} and loss_weights "
             f"{tuple(loss_weights.shape)} do not line up as [B, L, V], [B, L], [B, L]"
         )
-    targets = labels[:, 1:].to(logits.device)
-    trained = targets != IGNORE_INDEX
-    picked = logits[:, :-1][trained]
-    dtype = torch.promote_types(picked.dtype, torch.float32)
-    token_loss = F.cross_entropy(picked.to(dtype), targets[trained], reduction="none")
-    weights = loss_weights[:, 1:].to(device=logits.device, dtype=dtype)[trained]
-    total = (token_loss * weights).sum()
-    denominator = torch.as_tensor(denominator, device=total.device).to(dtype)
+    return _over(full_logits_sum(logits, labels, loss_weights), denominator)
+
+
+def _over(total: torch.Tensor, denominator: torch.Tensor | float) -> torch.Tensor:
+    denominator = torch.as_tensor(denominator, device=total.device).to(total.dtype)
     return total / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
 
 
 def forward_loss(
-    model: Any, batch: Mapping[str, Any], denominator: torch.Tensor | float, **model_kwargs: Any
+    model: Any,
+    batch: Mapping[str, Any],
+    denominator: torch.Tensor | float,
+    *,
+    full_logits: bool = False,
+    **model_kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
-    """Run ``model`` on a collated batch without its labels and loss columns, and apply
-    ``onepass_loss``: ``(loss, outputs)``. The model computes no loss of its own (it gets no
-    labels) and never sees the weights."""
+    """``onepass_loss`` of ``model`` on a collated batch, with logits only where a token is
+    trained: ``(loss, outputs)``.
+
+    The model gets the batch without its labels and loss columns (it computes no loss of its
+    own and never sees the weights). Where its head is recognised (head.py, ``output_head``:
+    Llama, Qwen, Mistral, Gemma and other transformers families) the head and the
+    cross-entropy run in chunks over the positions that predict a trained token, and
+    ``outputs.logits`` is empty (``[B, 0, V]``); for any other model ``logits_to_keep`` holds
+    those positions (the union over the batch's rows) and ``outputs.logits`` is ``[B, K, V]``
+    at them. ``full_logits=True`` computes ``[B, L, V]`` as a plain call does (debugging).
+    """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", *LOSS_KEYS)}
     if "labels" not in batch or WEIGHTS_KEY not in batch:
         raise KeyError(f"the batch needs 'labels' and '{WEIGHTS_KEY}' (OnePassCollator output)")
-    outputs = model(**inputs, **model_kwargs)
-    return onepass_loss(outputs.logits, batch["labels"], batch[WEIGHTS_KEY], denominator), outputs
+    labels, weights = batch["labels"], batch[WEIGHTS_KEY]
+    if labels.shape != weights.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and loss_weights {tuple(weights.shape)} differ")
+    total, outputs = head_loss(model, inputs, labels, weights, full_logits, model_kwargs)
+    return _over(total, denominator), outputs
 
 
 def step_denominator(

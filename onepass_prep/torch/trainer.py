@@ -19,7 +19,7 @@ from .loss import UNITS_KEY, WEIGHTS_KEY, forward_loss
 T = TypeVar("T", bound=type)
 
 
-def onepass_trainer(base: T) -> T:
+def onepass_trainer(base: T, *, full_logits: bool = False) -> T:
     """A subclass of ``base`` (``transformers.Trainer``, TRL ``SFTTrainer``, or a subclass of
     either) that trains the objective the rows' ``loss_weights`` and ``loss_units`` encode.
 
@@ -27,14 +27,15 @@ def onepass_trainer(base: T) -> T:
       summed over its gradient-accumulation micro-batches and gathered over processes
       (always, whatever ``average_tokens_across_devices`` says: anything else is not the
       objective).
-    - ``compute_loss`` takes ``labels``, ``loss_weights`` and ``loss_units`` out of the batch,
-      calls ``model(**inputs, use_cache=False)`` (the mask hook builds the attention) and
-      applies ``onepass_loss`` over that denominator, times the number of processes because
-      DDP averages gradients. The loss is already scaled for gradient accumulation.
+    - ``compute_loss`` computes ``forward_loss(model, inputs, denominator, use_cache=False)``
+      (the mask hook builds the attention; logits only where a token is trained, the head in
+      chunks where it is recognised) over that denominator, times the number of processes
+      because DDP averages gradients. The loss is already scaled for gradient accumulation.
+      ``full_logits=True`` computes every position's logits instead (debugging).
     - Evaluation (model in eval mode) divides each batch by its own units.
 
-    SFTTrainer's fused LM head, and its entropy and token-accuracy metrics, are not used: the
-    loss is computed from the logits.
+    SFTTrainer's fused LM head, and its entropy and token-accuracy metrics, are not used: its
+    loss ignores the weights.
     """
     if not hasattr(base, "loss_is_scaled_for_ga"):
         raise TypeError(
@@ -95,7 +96,9 @@ def onepass_trainer(base: T) -> T:
             step = model.training and num_items_in_batch is not None
             denominator = num_items_in_batch if step else inputs[UNITS_KEY].sum()
             assert denominator is not None
-            loss, outputs = forward_loss(model, inputs, denominator, use_cache=False)
+            loss, outputs = forward_loss(
+                model, inputs, denominator, full_logits=full_logits, use_cache=False
+            )
             if step:  # DDP averages the ranks' gradients; the denominator is already global
                 tp = getattr(self, "get_tp_size", lambda: 1)()
                 loss = loss * (self.accelerator.num_processes // tp)

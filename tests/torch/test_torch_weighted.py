@@ -274,7 +274,8 @@ DDP_SCRIPT = textwrap.dedent(
             install_mask_hook(single)
             everything = [collate([row]) for row in data]
             units = sum(int(b["loss_units"].sum()) for b in everything)
-            sum(forward_loss(single, b, units)[0] for b in everything).backward()
+            # the reference computes every position's logits; the ranks, the chunked head
+            sum(forward_loss(single, b, units, full_logits=True)[0] for b in everything).backward()
             worst = max(
                 float((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp(min=1e-12))
                 for p, q in zip(model.parameters(), single.parameters())
