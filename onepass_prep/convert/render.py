@@ -34,6 +34,37 @@ Reasoning = Literal["none", "kept", "dropped"]
 PROBE = "onepass-prep probe 7f3a91"
 
 
+def _probes() -> list[tuple[list[dict], list[dict] | None]]:
+    """Probe conversations (docs/input.md): templates may read the reasoning field only in
+    some turns (Kimi-K2-Thinking only after the last plain answer, others only in the last
+    turn or only in tool-call chains), some insist on a system message, some on tools."""
+    def turn(number: int) -> list[dict]:
+        return [{"role": "user", "content": f"Question {number}?"}, {"role": "assistant", "content": f"Answer {number}."}]
+
+    call = {"id": "call_0", "type": "function", "function": {"name": "probe_tool", "arguments": {"x": "1"}}}
+    chain = [
+        *turn(1),
+        {"role": "user", "content": "Use the tool."},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "name": "probe_tool", "content": "2"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    tool = {"type": "function", "function": {
+        "name": "probe_tool", "description": "A probe.",
+        "parameters": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]},
+    }}
+    system = [{"role": "system", "content": "Be brief."}]
+    shapes = [turn(1), turn(1) + turn(2), turn(1) + turn(2) + turn(3)]
+    return [
+        (head + messages, tools)
+        for messages, tools in [*((shape, None) for shape in shapes), (chain, [tool]), (chain, None)]
+        for head in ([], system)
+    ]
+
+
+PROBES = _probes()
+
+
 @dataclass
 class Sample:
     input_ids: np.ndarray  # int32, the full rendered sequence of one N-pass sample
@@ -151,8 +182,8 @@ class Renderer:
         self._fields: dict[str, str | None] = {}
 
     def reasoning_field(self, kwargs: dict) -> str | None:
-        """The reasoning field the template renders in the turn being trained, found by
-        rendering a probe conversation per candidate name (once per set of kwargs)."""
+        """The reasoning field the template renders in any turn of any probe (PROBES),
+        once per set of kwargs; None if it renders none of REASONING_FIELDS."""
         key = json.dumps(kwargs, sort_keys=True)
         if key not in self._fields:
             self._fields[key] = next(
@@ -161,16 +192,21 @@ class Renderer:
         return self._fields[key]
 
     def _renders_field(self, name: str, kwargs: dict) -> bool:
-        turn = [
-            {"role": "user", "content": "What is 2 + 2?"},
-            {"role": "assistant", "content": "4", name: PROBE},
-        ]
-        # Some templates insist on a system message first.
-        for messages in (turn, [{"role": "system", "content": "Be brief."}, *turn]):
-            try:
-                return PROBE in self._apply(messages, None, False, kwargs)
-            except BadRecord:
-                continue
+        """Whether any marker of the field appears in any N-pass rendering (each prefix
+        that ends in an assistant message) of any probe the template accepts."""
+        for probe, tools in PROBES:
+            messages = [
+                {**message, name: f"{PROBE} {index}"} if message["role"] == "assistant" else message
+                for index, message in enumerate(probe)
+            ]
+            for end, message in enumerate(messages, start=1):
+                if message["role"] != "assistant":
+                    continue
+                try:
+                    if PROBE in self._apply(messages[:end], tools, False, kwargs):
+                        return True
+                except BadRecord:
+                    break  # the template refuses this shape; the others decide
         return False
 
     def template_input(self, conversation: Conversation) -> tuple[list[dict], list[str | None], dict]:

@@ -46,7 +46,11 @@ KWARGS = {
     "prompt_not_prefix.jinja": {},
     "keep_reasoning.jinja": {},
     "raises.jinja": {},
+    "kimi-k2-thinking.jinja": {},
+    "field_after_first_answer.jinja": {},
 }
+# Templates that read the field only in some turns: the others train without it.
+SOME_TURNS = ("kimi-k2-thinking.jinja", "field_after_first_answer.jinja")
 TEXTS = ["Paris", "数学 🙂 é\u0301 naïve", "two\nlines", "  spaced out  ", "<b>tag-like</b> & co", "x" * 40]
 STYLES = [
     "none", "compact", "spaced", "open-in-prompt", "empty-inline", "empty-field",
@@ -191,7 +195,9 @@ def test_template_converts_exactly(template):
     assert ("drops the reasoning of the turn being trained" in output) == (dropped > 0)
     if template in ("deepseek-r1-distill-qwen.jinja", "deepseek-v3.1.jinja"):
         assert dropped > 0  # they strip the trained turn's reasoning (but in tool calls, R1)
-    if READS[template] is not None:
+    if template in SOME_TURNS:
+        assert 0 < dropped < turns_with_reasoning  # the first (Kimi: every plain) answer's
+    elif READS[template] is not None:
         assert dropped == 0
 
 
