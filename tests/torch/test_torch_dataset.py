@@ -5,8 +5,10 @@ from __future__ import annotations
 import pickle
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers.torch_rows import random_row, write_run
@@ -118,3 +120,75 @@ def test_stream_rank_arguments_are_checked(run) -> None:
         OnePassIterableDataset(folder, rank=1)
     with pytest.raises(ValueError, match="not in"):
         OnePassIterableDataset(folder, rank=2, world_size=2)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """41 rows (no world size of 2-4 divides it) in shards of 11 with row groups of 4:
+    groups of 4, 4, 3 and a last shard of 4, 4."""
+    rng = np.random.default_rng(1)
+    rows = [random_row(rng, int(rng.integers(1, 12)), weighted=True) for _ in range(41)]
+    return write_run(tmp_path_factory.mktemp("uneven") / "run", rows, rows_per_shard=11, rows_per_group=4)
+
+
+def shares(folder: Path, seed: int, world: int, workers: int, monkeypatch) -> tuple[list[list[list]], list]:
+    """Each rank's rows per worker, as keys, and the row groups each consumer read (in
+    consumer order), with DataLoader workers stood in for by their `get_worker_info`."""
+    from onepass_prep.torch import dataset as module
+
+    read = []
+    real_read = module._read_checked
+
+    def recording(path, names, group, first_row):
+        read.append((path.name, group))
+        return real_read(path, names, group, first_row)
+
+    monkeypatch.setattr(module, "_read_checked", recording)
+    result = []
+    for rank in range(world):
+        per_worker = []
+        for worker in range(max(workers, 1)):
+            info = None if workers == 0 else SimpleNamespace(id=worker, num_workers=workers)
+            monkeypatch.setattr(module, "get_worker_info", lambda info=info: info)
+            dataset = OnePassIterableDataset(folder, seed=seed, rank=rank, world_size=world)
+            dataset.set_epoch(3)
+            per_worker.append([key(row) for row in dataset])
+        result.append(per_worker)
+    monkeypatch.undo()
+    return result, read
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_stream_gives_every_rank_and_worker_an_equal_share(uneven, seed, monkeypatch) -> None:
+    """World sizes 1-4 with 0-3 workers: the consumers' rows, in consumer order, are the
+    one-consumer epoch order (every row once, reproducible); ranks' and a rank's workers'
+    counts differ by at most one; each consumer reads a run of consecutive row groups."""
+    (whole,), _ = shares(uneven, seed, 1, 0, monkeypatch)
+    whole_rows = whole[0]
+    groups = sum(pq.ParquetFile(path).num_row_groups for path in uneven.glob("*.parquet"))
+    for world in (1, 2, 3, 4):
+        for workers in (0, 1, 2, 3):
+            ranks, read = shares(uneven, seed, world, workers, monkeypatch)
+            assert [row for rank in ranks for worker in rank for row in worker] == whole_rows
+            per_rank = [sum(len(worker) for worker in rank) for rank in ranks]
+            assert max(per_rank) - min(per_rank) <= 1, per_rank
+            for rank in ranks:
+                assert max(map(len, rank)) - min(map(len, rank)) <= 1
+            # consecutive runs: read in consumer order, a group repeats only where one
+            # consumer's run ends and the next one's begins
+            runs = [group for n, group in enumerate(read) if n == 0 or read[n - 1] != group]
+            assert len(runs) == len(set(runs)) == groups
+    assert shares(uneven, seed, 1, 0, monkeypatch)[0][0][0] == whole_rows, "reproducible"
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_stream_workers_in_a_dataloader_split_a_rank_evenly(uneven) -> None:
+    """Real DataLoader workers (3 per rank, 3 ranks): every row once, equal shares."""
+    counts, seen = [], Counter()
+    for rank in range(3):
+        dataset = OnePassIterableDataset(uneven, seed=5, rank=rank, world_size=3)
+        got = [key(row) for row in DataLoader(dataset, batch_size=None, num_workers=3)]
+        counts.append(len(got))
+        seen.update(got)
+    everything = Counter(key(row) for row in OnePassIterableDataset(uneven, shuffle=False))
+    assert seen == everything and sorted(counts) == [13, 14, 14]
