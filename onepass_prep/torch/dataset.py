@@ -156,7 +156,8 @@ class OnePassIterableDataset(IterableDataset):
     do a rank's workers', and each consumer reads a run of consecutive row groups, only
     the first and last of them in part.
 
-    ``rank``/``world_size`` default to torch.distributed when it is initialised when iterating.
+    ``rank``/``world_size`` default to torch.distributed as initialised when the dataset is
+    made, its epoch set, or (without workers) iterated: DataLoader workers do not see it.
     Under ``transformers.Trainer`` (accelerate), pass ``rank=0, world_size=1``: accelerate
     shards iterable datasets itself.
     """
@@ -190,18 +191,20 @@ class OnePassIterableDataset(IterableDataset):
                 sizes.append(meta.row_group(group).num_rows)
                 first += sizes[-1]
         self._sizes = np.array(sizes, dtype=np.int64)
+        self._distributed = _distributed()
 
     def set_epoch(self, epoch: int) -> None:
         """Pick the epoch's shuffle; call before iterating (DataLoader workers copy the dataset)."""
         self.epoch = epoch
+        self._distributed = _distributed() or self._distributed
 
     def _share(self) -> tuple[int, int]:
         """This consumer's slice ``[start, stop)`` of the epoch's row order."""
         rank, world = self.rank, self.world_size
         if rank is None or world is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if distributed else 0
-            world = torch.distributed.get_world_size() if distributed else 1
+            # DataLoader workers do not see torch.distributed: they use what the dataset
+            # saw when it was made or its epoch was set
+            rank, world = _distributed() or self._distributed or (0, 1)
         total = int(self._sizes.sum())
         start, stop = rank * total // world, (rank + 1) * total // world
         worker = get_worker_info()
@@ -233,6 +236,13 @@ class OnePassIterableDataset(IterableDataset):
                 within = np.random.default_rng([self.seed, self.epoch, unit]).permutation(within)
             for i in within[max(start - unit_start, 0) : stop - unit_start]:
                 yield rows[int(i)]
+
+
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world size) of torch.distributed, if it is initialised in this process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
 
 
 def max_token_id(files: list[Path]) -> int:

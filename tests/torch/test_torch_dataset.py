@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.paths import ROOT, TESTS
+from helpers.processes import run_bounded
 from helpers.torch_rows import random_row, write_run
 from torch.utils.data import DataLoader
 
@@ -192,3 +198,83 @@ def test_stream_workers_in_a_dataloader_split_a_rank_evenly(uneven) -> None:
         seen.update(got)
     everything = Counter(key(row) for row in OnePassIterableDataset(uneven, shuffle=False))
     assert seen == everything and sorted(counts) == [13, 14, 14]
+
+
+DDP_STREAM = textwrap.dedent(
+    """
+    import datetime
+    import json
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from torch.distributed.algorithms import Join
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+    from onepass_prep.torch import OnePassCollator
+
+    COLLATE = OnePassCollator(pad_to_multiple_of=16)
+
+    def keyed(rows):  # the batch, and its rows' tokens to check that every row came once
+        return COLLATE(rows), [row["input_ids"].tolist() for row in rows]
+
+    def run(rank, world, init, even, odd, out):
+        torch.set_num_threads(1)
+        from helpers.torch_models import tiny_model
+        from onepass_prep.torch import (
+            OnePassIterableDataset, forward_loss, install_mask_hook, step_denominator,
+        )
+        # a collective that cannot complete fails in a minute, with the reason
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        model = tiny_model("qwen3", "sdpa")
+        install_mask_hook(model)
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        seen = {}
+        # even: 40 rows, a plain loop with an all-reduced denominator per step; odd: 41
+        # rows, one rank has a row more, so DDP's Join lets the other rank finish first
+        for name, folder in (("even", even), ("odd", odd)):
+            dataset = OnePassIterableDataset(folder, seed=3)  # rank and world from dist
+            dataset.set_epoch(1)
+            loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=keyed)
+            seen[name] = []
+            with Join([ddp], enable=name == "odd"):
+                for batch, keys in loader:
+                    if name == "even":
+                        denominator = step_denominator([batch])
+                    else:
+                        denominator = batch["loss_units"].sum()
+                    forward_loss(ddp, batch, denominator)[0].backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    seen[name] += keys
+        with open(f"{out}/{rank}.json", "w") as file:
+            json.dump(seen, file)
+        dist.barrier()
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(2, *sys.argv[1:]), nprocs=2)
+    """
+)
+
+
+def test_ddp_plain_loop_streams_a_whole_epoch(run, uneven, tmp_path: Path) -> None:
+    """Two gloo ranks, two DataLoader workers each, training a tiny model over the streaming
+    dataset for one epoch: every row once, equal shares (40 rows), and with 41 rows a row
+    more on one rank, which DDP's Join absorbs; the run cannot outlast its bound."""
+    script = tmp_path / "ddp_stream.py"
+    script.write_text(DDP_STREAM)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [TESTS, ROOT]))}
+    done = run_bounded(
+        [sys.executable, str(script), f"file://{tmp_path / 'rendezvous'}", str(run[0]), str(uneven), str(tmp_path)],
+        240, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for name, folder in (("even", run[0]), ("odd", uneven)):
+        want = Counter(key(row) for row in OnePassIterableDataset(folder, shuffle=False))
+        got = [[tuple(tokens) for tokens in ranks[name]] for ranks in seen]
+        assert Counter(got[0] + got[1]) == want
+        assert sorted(map(len, got)) == ([20, 20] if name == "even" else [20, 21])
