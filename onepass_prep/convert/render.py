@@ -29,8 +29,9 @@ from onepass_prep.convert.records import (
     split_inline_reasoning,
 )
 
-# Whether a turn was given reasoning, and if so whether its trained tokens hold it.
-Reasoning = Literal["none", "kept", "dropped"]
+# Whether a turn was given reasoning (or tool calls), and if so whether its trained text
+# holds it.
+Audit = Literal["none", "kept", "dropped"]
 PROBE = "onepass-prep probe 7f3a91"
 
 
@@ -69,8 +70,9 @@ PROBES = _probes()
 class Sample:
     input_ids: np.ndarray  # int32, the full rendered sequence of one N-pass sample
     train_start: int  # first trained position; positions before it are context
-    reasoning: Reasoning = "none"
+    reasoning: Audit = "none"
     weight: float = 1.0  # the message's loss weight (docs/input.md)
+    tool_calls: Audit = "none"
 
     @property
     def num_trained(self) -> int:
@@ -85,8 +87,9 @@ class Sample:
 class RenderedTurn:
     prompt: str  # messages[:i] with the generation prompt
     text: str  # messages[:i+1]
-    reasoning: Reasoning
+    reasoning: Audit
     weight: float
+    tool_calls: Audit
 
 
 def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -218,7 +221,7 @@ class Renderer:
 
     def render_turns(self, conversation: Conversation) -> list[RenderedTurn]:
         """The prompt and sample texts of each trained assistant message (weight > 0), in
-        order, each with whether its reasoning made it into its trained text."""
+        order, each with whether its reasoning and tool calls made it into its trained text."""
         messages, reasoning, kwargs = self.template_input(conversation)
 
         def render(messages: list[dict]) -> list[tuple[int, str, str]]:
@@ -233,7 +236,10 @@ class Renderer:
             ]
 
         return [
-            RenderedTurn(prompt, text, _audit(reasoning[index], prompt, text), conversation.weights[index])
+            RenderedTurn(
+                prompt, text, _audit(reasoning[index], prompt, text), conversation.weights[index],
+                _audit_tool_calls(messages[index].get("tool_calls"), prompt, text),
+            )
             for index, prompt, text in with_null_fallback(render, messages)
         ]
 
@@ -275,7 +281,7 @@ class Renderer:
             for turn in turns:
                 prompt_ids, sample_ids = next(ids), next(ids)
                 start = max(1, common_prefix_length(prompt_ids, sample_ids))
-                samples.append(Sample(sample_ids, start, turn.reasoning, turn.weight))
+                samples.append(Sample(sample_ids, start, turn.reasoning, turn.weight, turn.tool_calls))
             results.append(samples)
         return results
 
@@ -296,9 +302,53 @@ class Renderer:
         return text
 
 
-def _audit(reasoning: str | None, prompt: str, text: str) -> Reasoning:
+def _audit(reasoning: str | None, prompt: str, text: str) -> Audit:
     """Whether given reasoning appears in the text past what the prompt already holds."""
     if reasoning is None or not reasoning.strip():
         return "none"
     trained = text[common_prefix_chars(prompt, text) :]
     return "kept" if reasoning.strip() in trained else "dropped"
+
+
+def _audit_tool_calls(calls: list[dict] | None, prompt: str, text: str) -> Audit:
+    """Whether every given tool call appears in the text past what the prompt already holds:
+    its function name, and each key and value of its arguments in a form templates print
+    (docs/input.md)."""
+    if not calls:
+        return "none"
+    trained = text[common_prefix_chars(prompt, text) :]
+    return "kept" if all(_call_printed(call, trained) for call in calls) else "dropped"
+
+
+def _call_printed(call: dict, trained: str) -> bool:
+    function = call.get("function", call)  # OpenAI's {"function": {...}}, or flat
+    if not isinstance(function, dict):
+        return False
+    name, arguments = function.get("name"), function.get("arguments")
+    if isinstance(name, str) and name not in trained:
+        return False
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return arguments in trained
+    return all(any(form in trained for form in _printed_forms(part)) for part in _parts(arguments))
+
+
+def _parts(value: object) -> list[object]:
+    """The keys and scalar values of a JSON value."""
+    if isinstance(value, dict):
+        return [part for key, item in value.items() for part in (key, *_parts(item))]
+    if isinstance(value, list):
+        return [part for item in value for part in _parts(item)]
+    return [value]
+
+
+def _printed_forms(value: object) -> set[str]:
+    """A JSON scalar as a template may print it: as is, or JSON-escaped (ASCII or not) once
+    or twice (a template that applies `tojson` to arguments given as JSON text)."""
+    if not isinstance(value, str):
+        return {json.dumps(value), str(value)}
+    once = {json.dumps(value, ensure_ascii=ascii)[1:-1] for ascii in (True, False)}
+    twice = {json.dumps(text, ensure_ascii=ascii)[1:-1] for text in once for ascii in (True, False)}
+    return {value, *once, *twice}
