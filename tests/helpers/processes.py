@@ -1,6 +1,7 @@
 """Child processes that cannot hang a test run: each starts a session of its own and has a
 hard time bound. Past the bound the test fails, naming the bound and the command, with the
-tail of the child's stderr; however the test ends, every process still in the child's
+tail of the child's stderr (where children registered `faulthandler` on SIGUSR1, their
+stacks: it is sent before the kill); however the test ends, every process still in the child's
 session (its workers, DDP ranks, Ray's daemons, grandchildren that made a process group of
 their own) is killed, so nothing is left behind."""
 
@@ -79,6 +80,13 @@ class Bounded:
             raise  # not reached: pytest.fail raises
 
     def _fail(self) -> None:
+        # children that registered faulthandler on SIGUSR1 print where they are stuck
+        for pid in session_members(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
         self.kill()
         stderr = self.process.communicate()[1]
         name = " ".join(os.path.basename(part) for part in self.command[:4])

@@ -203,7 +203,9 @@ def test_stream_workers_in_a_dataloader_split_a_rank_evenly(uneven) -> None:
 DDP_STREAM = textwrap.dedent(
     """
     import datetime
+    import faulthandler
     import json
+    import signal
     import sys
     import torch
     import torch.distributed as dist
@@ -219,6 +221,7 @@ DDP_STREAM = textwrap.dedent(
         return COLLATE(rows), [row["input_ids"].tolist() for row in rows]
 
     def run(rank, world, init, even, odd, out):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
         torch.set_num_threads(1)
         from helpers.torch_models import tiny_model
         from onepass_prep.torch import (

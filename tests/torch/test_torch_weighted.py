@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.paths import ROOT, TESTS
+from helpers.processes import run_bounded
 from helpers.torch_models import gradients, n_pass_objective, tiny_model
 from helpers.torch_rows import NORMALIZATIONS, chat_samples, pack, write_run
 from helpers.trainers import common_args, compare_weighted
@@ -238,7 +238,9 @@ def test_onepass_loss_shift_precision_and_empty_step() -> None:
 DDP_SCRIPT = textwrap.dedent(
     """
     import datetime
+    import faulthandler
     import json
+    import signal
     import sys
     import torch
     import torch.distributed as dist
@@ -246,6 +248,7 @@ DDP_SCRIPT = textwrap.dedent(
     from torch.nn.parallel import DistributedDataParallel
 
     def run(rank, world, init, rows_path):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
         torch.backends.mkldnn.enabled = False
         torch.set_num_threads(1)
         from helpers.torch_models import tiny_model
@@ -296,8 +299,7 @@ def test_ddp_plain_loop_equals_one_process(tmp_path: Path) -> None:
     data.write_text(json.dumps(rows("weights", "conversation")))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [TESTS, ROOT]))}
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
-    done = subprocess.run([sys.executable, str(script), rendezvous, str(data)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = run_bounded([sys.executable, str(script), rendezvous, str(data)], 240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     denominator, units, worst = done.stdout.split()
     assert denominator == units and int(units) > 0
