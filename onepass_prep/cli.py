@@ -128,6 +128,8 @@ def convert_command(
     console.print(summary_table(summary, out_dir, packed=pack))
     if summary.reasoning_dropped:
         console.print(f"[yellow]warning:[/yellow] {dropped_reasoning_warning(summary.reasoning_dropped, summary.reasoning_turns)}", highlight=False, soft_wrap=True)
+    if summary.tool_calls_dropped:
+        console.print(f"[yellow]warning:[/yellow] {dropped_tool_calls_warning(summary.tool_calls_dropped, summary.tool_call_turns)}", highlight=False, soft_wrap=True)
     if summary.read and not summary.written:
         _fail(ConvertError(f"every record was rejected; the reasons are in {out_dir / 'rejected.jsonl'}"), 1, debug)
 
@@ -158,6 +160,15 @@ def dropped_reasoning_warning(dropped: int, turns: int) -> str:
     )
 
 
+def dropped_tool_calls_warning(dropped: int, turns: int) -> str:
+    return (
+        f"{dropped:,} of {turns:,} trained turns with tool calls are trained without one of "
+        "them (its name or arguments are missing from the trained text): the chat template "
+        "does not render them for these messages, so the model learns to answer without "
+        "calling. Check the records' tool calls against the template (docs/input.md)."
+    )
+
+
 def summary_table(summary: ConvertSummary, out_dir: Path, packed: bool) -> Table:
     table = Table(title=f"onepass-prep → {out_dir}", show_header=False)
     table.add_column(style="bold")
@@ -175,6 +186,7 @@ def summary_table(summary: ConvertSummary, out_dir: Path, packed: bool) -> Table
     # Without packing a row is one conversation: its share of --max-seq-len says nothing.
     table.add_row("fill rate", f"{summary.fill_rate:.1%}" if packed else "n/a (--no-pack)")
     table.add_row("turns with reasoning / trained without it", f"{summary.reasoning_turns:,} / {summary.reasoning_dropped:,}")
+    table.add_row("turns with tool calls / trained without one", f"{summary.tool_call_turns:,} / {summary.tool_calls_dropped:,}")
     if summary.rejected:
         table.caption = f"rejected records and reasons: {out_dir / 'rejected.jsonl'}"
     return table

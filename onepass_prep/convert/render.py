@@ -29,17 +29,50 @@ from onepass_prep.convert.records import (
     split_inline_reasoning,
 )
 
-# Whether a turn was given reasoning, and if so whether its trained tokens hold it.
-Reasoning = Literal["none", "kept", "dropped"]
+# Whether a turn was given reasoning (or tool calls), and if so whether its trained text
+# holds it.
+Audit = Literal["none", "kept", "dropped"]
 PROBE = "onepass-prep probe 7f3a91"
+
+
+def _probes() -> list[tuple[list[dict], list[dict] | None]]:
+    """Probe conversations (docs/input.md): templates may read the reasoning field only in
+    some turns (Kimi-K2-Thinking only after the last plain answer, others only in the last
+    turn or only in tool-call chains), some insist on a system message, some on tools."""
+    def turn(number: int) -> list[dict]:
+        return [{"role": "user", "content": f"Question {number}?"}, {"role": "assistant", "content": f"Answer {number}."}]
+
+    call = {"id": "call_0", "type": "function", "function": {"name": "probe_tool", "arguments": {"x": "1"}}}
+    chain = [
+        *turn(1),
+        {"role": "user", "content": "Use the tool."},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "name": "probe_tool", "content": "2"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    tool = {"type": "function", "function": {
+        "name": "probe_tool", "description": "A probe.",
+        "parameters": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]},
+    }}
+    system = [{"role": "system", "content": "Be brief."}]
+    shapes = [turn(1), turn(1) + turn(2), turn(1) + turn(2) + turn(3)]
+    return [
+        (head + messages, tools)
+        for messages, tools in [*((shape, None) for shape in shapes), (chain, [tool]), (chain, None)]
+        for head in ([], system)
+    ]
+
+
+PROBES = _probes()
 
 
 @dataclass
 class Sample:
     input_ids: np.ndarray  # int32, the full rendered sequence of one N-pass sample
     train_start: int  # first trained position; positions before it are context
-    reasoning: Reasoning = "none"
+    reasoning: Audit = "none"
     weight: float = 1.0  # the message's loss weight (docs/input.md)
+    tool_calls: Audit = "none"
 
     @property
     def num_trained(self) -> int:
@@ -54,8 +87,9 @@ class Sample:
 class RenderedTurn:
     prompt: str  # messages[:i] with the generation prompt
     text: str  # messages[:i+1]
-    reasoning: Reasoning
+    reasoning: Audit
     weight: float
+    tool_calls: Audit
 
 
 def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -151,8 +185,8 @@ class Renderer:
         self._fields: dict[str, str | None] = {}
 
     def reasoning_field(self, kwargs: dict) -> str | None:
-        """The reasoning field the template renders in the turn being trained, found by
-        rendering a probe conversation per candidate name (once per set of kwargs)."""
+        """The reasoning field the template renders in any turn of any probe (PROBES),
+        once per set of kwargs; None if it renders none of REASONING_FIELDS."""
         key = json.dumps(kwargs, sort_keys=True)
         if key not in self._fields:
             self._fields[key] = next(
@@ -161,16 +195,21 @@ class Renderer:
         return self._fields[key]
 
     def _renders_field(self, name: str, kwargs: dict) -> bool:
-        turn = [
-            {"role": "user", "content": "What is 2 + 2?"},
-            {"role": "assistant", "content": "4", name: PROBE},
-        ]
-        # Some templates insist on a system message first.
-        for messages in (turn, [{"role": "system", "content": "Be brief."}, *turn]):
-            try:
-                return PROBE in self._apply(messages, None, False, kwargs)
-            except BadRecord:
-                continue
+        """Whether any marker of the field appears in any N-pass rendering (each prefix
+        that ends in an assistant message) of any probe the template accepts."""
+        for probe, tools in PROBES:
+            messages = [
+                {**message, name: f"{PROBE} {index}"} if message["role"] == "assistant" else message
+                for index, message in enumerate(probe)
+            ]
+            for end, message in enumerate(messages, start=1):
+                if message["role"] != "assistant":
+                    continue
+                try:
+                    if PROBE in self._apply(messages[:end], tools, False, kwargs):
+                        return True
+                except BadRecord:
+                    break  # the template refuses this shape; the others decide
         return False
 
     def template_input(self, conversation: Conversation) -> tuple[list[dict], list[str | None], dict]:
@@ -182,7 +221,7 @@ class Renderer:
 
     def render_turns(self, conversation: Conversation) -> list[RenderedTurn]:
         """The prompt and sample texts of each trained assistant message (weight > 0), in
-        order, each with whether its reasoning made it into its trained text."""
+        order, each with whether its reasoning and tool calls made it into its trained text."""
         messages, reasoning, kwargs = self.template_input(conversation)
 
         def render(messages: list[dict]) -> list[tuple[int, str, str]]:
@@ -197,7 +236,10 @@ class Renderer:
             ]
 
         return [
-            RenderedTurn(prompt, text, _audit(reasoning[index], prompt, text), conversation.weights[index])
+            RenderedTurn(
+                prompt, text, _audit(reasoning[index], prompt, text), conversation.weights[index],
+                _audit_tool_calls(messages[index].get("tool_calls"), prompt, text),
+            )
             for index, prompt, text in with_null_fallback(render, messages)
         ]
 
@@ -239,7 +281,7 @@ class Renderer:
             for turn in turns:
                 prompt_ids, sample_ids = next(ids), next(ids)
                 start = max(1, common_prefix_length(prompt_ids, sample_ids))
-                samples.append(Sample(sample_ids, start, turn.reasoning, turn.weight))
+                samples.append(Sample(sample_ids, start, turn.reasoning, turn.weight, turn.tool_calls))
             results.append(samples)
         return results
 
@@ -260,9 +302,53 @@ class Renderer:
         return text
 
 
-def _audit(reasoning: str | None, prompt: str, text: str) -> Reasoning:
+def _audit(reasoning: str | None, prompt: str, text: str) -> Audit:
     """Whether given reasoning appears in the text past what the prompt already holds."""
     if reasoning is None or not reasoning.strip():
         return "none"
     trained = text[common_prefix_chars(prompt, text) :]
     return "kept" if reasoning.strip() in trained else "dropped"
+
+
+def _audit_tool_calls(calls: list[dict] | None, prompt: str, text: str) -> Audit:
+    """Whether every given tool call appears in the text past what the prompt already holds:
+    its function name, and each key and value of its arguments in a form templates print
+    (docs/input.md)."""
+    if not calls:
+        return "none"
+    trained = text[common_prefix_chars(prompt, text) :]
+    return "kept" if all(_call_printed(call, trained) for call in calls) else "dropped"
+
+
+def _call_printed(call: dict, trained: str) -> bool:
+    function = call.get("function", call)  # OpenAI's {"function": {...}}, or flat
+    if not isinstance(function, dict):
+        return False
+    name, arguments = function.get("name"), function.get("arguments")
+    if isinstance(name, str) and name not in trained:
+        return False
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return arguments in trained
+    return all(any(form in trained for form in _printed_forms(part)) for part in _parts(arguments))
+
+
+def _parts(value: object) -> list[object]:
+    """The keys and scalar values of a JSON value."""
+    if isinstance(value, dict):
+        return [part for key, item in value.items() for part in (key, *_parts(item))]
+    if isinstance(value, list):
+        return [part for item in value for part in _parts(item)]
+    return [value]
+
+
+def _printed_forms(value: object) -> set[str]:
+    """A JSON scalar as a template may print it: as is, or JSON-escaped (ASCII or not) once
+    or twice (a template that applies `tojson` to arguments given as JSON text)."""
+    if not isinstance(value, str):
+        return {json.dumps(value), str(value)}
+    once = {json.dumps(value, ensure_ascii=ascii)[1:-1] for ascii in (True, False)}
+    twice = {json.dumps(text, ensure_ascii=ascii)[1:-1] for text in once for ascii in (True, False)}
+    return {value, *once, *twice}

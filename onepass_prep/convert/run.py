@@ -57,6 +57,8 @@ class ConvertSummary:
     trained_tokens: int = 0
     reasoning_turns: int = 0  # trained turns given reasoning
     reasoning_dropped: int = 0  # of those, turns the template trains without it
+    tool_call_turns: int = 0  # trained turns given tool calls
+    tool_calls_dropped: int = 0  # of those, turns whose trained text lacks one of them
     max_seq_len: int = 0
     notes: list[str] = field(default_factory=list)  # things the user should hear of
 
@@ -182,7 +184,7 @@ def _convert(
 
 COUNTED = (
     "read", "written", "rejected", "rows", "one_pass_tokens", "n_pass_tokens", "trained_tokens",
-    "reasoning_turns", "reasoning_dropped",
+    "reasoning_turns", "reasoning_dropped", "tool_call_turns", "tool_calls_dropped",
 )
 
 
@@ -253,5 +255,9 @@ def _manifest(
         "reasoning_audit": {
             "turns_with_reasoning": summary.reasoning_turns,
             "reasoning_dropped": summary.reasoning_dropped,
+        },
+        "tool_call_audit": {
+            "turns_with_tool_calls": summary.tool_call_turns,
+            "tool_calls_dropped": summary.tool_calls_dropped,
         },
     }

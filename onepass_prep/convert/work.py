@@ -35,6 +35,8 @@ class Converted:
     line: int
     reasoning_turns: int  # trained turns that were given reasoning
     reasoning_dropped: int  # of those, turns whose trained tokens lack it (the template drops it)
+    tool_call_turns: int  # trained turns that were given tool calls
+    tool_calls_dropped: int  # of those, turns whose trained text lacks one of them
 
 
 Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
@@ -103,12 +105,16 @@ def finish_lines(parsed: Parsed, rendered: list[Rendered], renderer: Renderer, r
             if isinstance(found, BadRecord):
                 raise found
             layout = _checked_layout(found, rules)
-            audit = [sample.reasoning for sample in found if sample.is_trained]
+            trained = [sample for sample in found if sample.is_trained]
+            reasoning = [sample.reasoning for sample in trained]
+            tool_calls = [sample.tool_calls for sample in trained]
             results.append(
                 Converted(
                     record.id, layout, record.source, record.line,
-                    reasoning_turns=len(audit) - audit.count("none"),
-                    reasoning_dropped=audit.count("dropped"),
+                    reasoning_turns=len(reasoning) - reasoning.count("none"),
+                    reasoning_dropped=reasoning.count("dropped"),
+                    tool_call_turns=len(tool_calls) - tool_calls.count("none"),
+                    tool_calls_dropped=tool_calls.count("dropped"),
                 )
             )
         except BadRecord as error:
@@ -206,6 +212,8 @@ def finish_chunk(
         "trained_tokens": sum(row.num_trained for row in rows),
         "reasoning_turns": sum(result.reasoning_turns for result in converted),
         "reasoning_dropped": sum(result.reasoning_dropped for result in converted),
+        "tool_call_turns": sum(result.tool_call_turns for result in converted),
+        "tool_calls_dropped": sum(result.tool_calls_dropped for result in converted),
     }
     return ChunkResult(chunk.index, write_shard(out_dir, chunk.index, rows), rejections, counts, chunk.size)
 

@@ -48,6 +48,7 @@ class Stats:
     max_seq_len: int | None = None
     run_counts: dict = field(default_factory=dict)  # the manifest's, for the whole run
     reasoning_audit: dict = field(default_factory=dict)  # the manifest's, for the whole run
+    tool_call_audit: dict = field(default_factory=dict)  # the manifest's, for the whole run
     loss: dict = field(default_factory=dict)  # the manifest's normalization and train_on
     loss_units: int = 0
     loss_weight_sum: float = 0.0
@@ -86,6 +87,7 @@ def compute_stats(run: Run) -> Stats:
         shards=len(run.shards),
         run_counts=run.manifest.get("counts", {}),
         reasoning_audit=run.manifest.get("reasoning_audit", {}),
+        tool_call_audit=run.manifest.get("tool_call_audit", {}),
         loss=dict(loss_settings(run.manifest)),
     )
     stats.max_seq_len = run.manifest.get("options", {}).get("max_seq_len")
@@ -161,6 +163,7 @@ def stats_json(stats: Stats) -> dict:
             for key in ("read", "written", "rejected", "rejected_by_kind")
         },
         "reasoning_audit": stats.reasoning_audit,
+        "tool_call_audit": stats.tool_call_audit,
         "loss": {
             "normalization": stats.loss.get("normalization"),
             "train_on": stats.loss.get("train_on"),
@@ -220,6 +223,10 @@ def stats_view(stats: Stats, width: int) -> Group:
     if audit:
         dropped, turns = audit.get("reasoning_dropped", 0), audit.get("turns_with_reasoning", 0)
         table.add_row("reasoning dropped", f"{dropped:,} of {turns:,} turns", "")
+    calls = stats.tool_call_audit
+    if calls:
+        dropped, turns = calls.get("tool_calls_dropped", 0), calls.get("turns_with_tool_calls", 0)
+        table.add_row("tool calls dropped", f"{dropped:,} of {turns:,} turns", "")
     _loss_rows(table, stats)
     if stats.rows_not_derived:
         table.caption = (

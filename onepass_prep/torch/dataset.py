@@ -146,14 +146,18 @@ class OnePassDataset(Dataset):
 
 
 class OnePassIterableDataset(IterableDataset):
-    """Streams row groups in order of the files, for data larger than a local cache.
+    """Streams row groups in order, for data larger than a local cache.
 
-    The unit of work is a Parquet row group. Each epoch, all consumers draw the same seeded
-    permutation of row groups and consumer ``rank * num_workers + worker`` takes every
-    ``world_size * num_workers``-th one; rows are shuffled within a row group. Ranks thus get
-    whole row groups and their row counts can differ by up to one row group.
+    Each epoch, every consumer draws the same seeded order of the epoch's rows: a
+    permutation of the row groups, and rows shuffled within each group. Rank ``r`` of ``W``
+    takes the contiguous slice ``[r*N//W, (r+1)*N//W)`` of that order, and DataLoader
+    worker ``w`` of ``K`` the same slice of its rank's rows. So every row is yielded once
+    per epoch, ranks' counts differ by at most one row (none when ``W`` divides ``N``), so
+    do a rank's workers', and each consumer reads a run of consecutive row groups, only
+    the first and last of them in part.
 
-    ``rank``/``world_size`` default to torch.distributed when it is initialised when iterating.
+    ``rank``/``world_size`` default to torch.distributed as initialised when the dataset is
+    made, its epoch set, or (without workers) iterated: DataLoader workers do not see it.
     Under ``transformers.Trainer`` (accelerate), pass ``rank=0, world_size=1``: accelerate
     shards iterable datasets itself.
     """
@@ -176,6 +180,7 @@ class OnePassIterableDataset(IterableDataset):
         self.epoch = 0
         self._units: list[tuple[int, int, int]] = []  # (file, row group, first row in file)
         self._columns: list[list[str]] = []
+        sizes = []
         for file_index, path in enumerate(self.files):
             shard = open_shard(path)
             self._columns.append(shard.schema_arrow.names)
@@ -183,36 +188,61 @@ class OnePassIterableDataset(IterableDataset):
             first = 0
             for group in range(meta.num_row_groups):
                 self._units.append((file_index, group, first))
-                first += meta.row_group(group).num_rows
+                sizes.append(meta.row_group(group).num_rows)
+                first += sizes[-1]
+        self._sizes = np.array(sizes, dtype=np.int64)
+        self._distributed = _distributed()
 
     def set_epoch(self, epoch: int) -> None:
         """Pick the epoch's shuffle; call before iterating (DataLoader workers copy the dataset)."""
         self.epoch = epoch
+        self._distributed = _distributed() or self._distributed
 
-    def _consumer(self) -> tuple[int, int]:
+    def _share(self) -> tuple[int, int]:
+        """This consumer's slice ``[start, stop)`` of the epoch's row order."""
         rank, world = self.rank, self.world_size
         if rank is None or world is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if distributed else 0
-            world = torch.distributed.get_world_size() if distributed else 1
+            # DataLoader workers do not see torch.distributed: they use what the dataset
+            # saw when it was made or its epoch was set
+            rank, world = _distributed() or self._distributed or (0, 1)
+        total = int(self._sizes.sum())
+        start, stop = rank * total // world, (rank + 1) * total // world
         worker = get_worker_info()
-        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        return rank * workers + worker_id, world * workers
+        if worker is not None:
+            count = stop - start
+            start, stop = (
+                start + worker.id * count // worker.num_workers,
+                start + (worker.id + 1) * count // worker.num_workers,
+            )
+        return start, stop
 
     def __iter__(self) -> Iterator[Row]:
-        consumer, consumers = self._consumer()
+        start, stop = self._share()
         order = np.arange(len(self._units))
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-        for unit in order[consumer::consumers]:
+        ends = np.cumsum(self._sizes[order])
+        first = int(np.searchsorted(ends, start, side="right"))  # the unit holding row `start`
+        for position in range(first, len(order)):
+            unit = int(order[position])
+            unit_start = int(ends[position] - self._sizes[unit])
+            if unit_start >= stop:
+                break
             file_index, group, first_row = self._units[unit]
             path = self.files[file_index]
             rows = _Rows(_read_checked(path, self._columns[file_index], group, first_row))
             within = np.arange(rows.num_rows)
             if self.shuffle:
-                within = np.random.default_rng([self.seed, self.epoch, int(unit)]).permutation(within)
-            for i in within:
+                within = np.random.default_rng([self.seed, self.epoch, unit]).permutation(within)
+            for i in within[max(start - unit_start, 0) : stop - unit_start]:
                 yield rows[int(i)]
+
+
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world size) of torch.distributed, if it is initialised in this process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
 
 
 def max_token_id(files: list[Path]) -> int:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import synth
 from helpers.paths import ROOT
+from helpers.processes import Bounded, run_bounded
 from helpers.reference import (
     READS,
     contract_samples,
@@ -82,19 +83,20 @@ def test_two_runs_on_one_folder_one_refuses_and_the_folder_reconciles(tmp_path):
     with open(data, "ab") as handle:
         handle.write(b"{oops\n" * 5)
     out = tmp_path / "out"
-    first = subprocess.Popen(command(data, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list(out.glob("part-*.parquet")):  # it has written something
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    for extra in ((), ("--overwrite",), ("--resume",)):
-        second = subprocess.run(command(data, out, *extra), cwd=ROOT, capture_output=True, text=True)
-        assert first.poll() is None, "the first run finished too soon for this test"
-        assert second.returncode == 1
-        assert f"in use by another convert (pid {first.pid} on {socket.gethostname()})" in second.stderr
-    reading = runner.invoke(app, ["stats", str(out)])
-    assert reading.exit_code == 1 and "a convert is writing this folder" in reading.output
-    assert first.wait(timeout=300) == 0
+    with Bounded(command(data, out), 480, cwd=ROOT) as first:
+        while not list(out.glob("part-*.parquet")):  # it has written something
+            assert first.process.poll() is None
+            first.check_time()
+            time.sleep(0.02)
+        for extra in ((), ("--overwrite",), ("--resume",)):
+            second = run_bounded(command(data, out, *extra), 120, cwd=ROOT)
+            assert first.process.poll() is None, "the first run finished too soon for this test"
+            assert second.returncode == 1
+            assert f"in use by another convert (pid {first.process.pid} on {socket.gethostname()})" in second.stderr
+        reading = runner.invoke(app, ["stats", str(out)])
+        assert reading.exit_code == 1 and "a convert is writing this folder" in reading.output
+        first.communicate()
+    assert first.process.returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     rejected = (out / "rejected.jsonl").read_text().splitlines()
     assert len(rejected) == manifest["counts"]["rejected"] == 5
@@ -117,19 +119,20 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_said_so(tmp_path, sampl
 def test_resume_refuses_input_edited_in_place_with_its_mtime_restored(tmp_path):
     data = synth.write(tmp_path / "big.jsonl", 1500, seed=4, turns=2, scale=0.08)
     out = tmp_path / "out"
-    process = subprocess.Popen(command(data, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("part-*.parquet"))) < 2:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 130
+    with Bounded(command(data, out), 180, cwd=ROOT) as child:
+        while len(list(out.glob("part-*.parquet"))) < 2:
+            assert child.process.poll() is None
+            child.check_time()
+            time.sleep(0.02)
+        child.process.send_signal(signal.SIGINT)
+        child.communicate()
+    assert child.process.returncode == 130
     stat = data.stat()
     content = bytearray(data.read_bytes())
     content[-20] = ord("X") if content[-20] != ord("X") else ord("Y")  # same size
     data.write_bytes(bytes(content))
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    resumed = subprocess.run(command(data, out, "--resume"), cwd=ROOT, capture_output=True, text=True)
+    resumed = run_bounded(command(data, out, "--resume"), 120, cwd=ROOT)
     assert resumed.returncode == 1 and "inputs changed since the run began" in resumed.stderr
 
 
@@ -151,20 +154,20 @@ def test_output_does_not_depend_on_how_the_input_path_is_spelled(tmp_path, sampl
 def test_workers_die_with_a_killed_parent(tmp_path):
     data = synth.write(tmp_path / "big.jsonl", 3000, seed=6, turns=2, scale=0.08)
     out = tmp_path / "out"
-    parent = subprocess.Popen(command(data, out, "--num-proc", "2"), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not list(out.glob("part-*.parquet")):
-        assert parent.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    workers = children(parent.pid)
-    assert workers, "no worker processes found"
-    parent.kill()
-    parent.wait(timeout=30)
-    deadline = time.monotonic() + 15
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in workers)
+    with Bounded(command(data, out, "--num-proc", "2"), 180, cwd=ROOT) as child:
+        parent = child.process
+        while not list(out.glob("part-*.parquet")):
+            assert parent.poll() is None
+            child.check_time()
+            time.sleep(0.02)
+        workers = children(parent.pid)
+        assert workers, "no worker processes found"
+        parent.kill()  # the parent alone: its workers must end by themselves
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers)
 
 
 def children(pid: int) -> list[int]:

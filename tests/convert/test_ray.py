@@ -1,6 +1,7 @@
 """`--engine ray` on a local Ray cluster the run starts (2 CPUs): the same bytes as the
 local engine, with 1 and 2 workers, when a worker is killed mid-run, and after an
-interrupted run is resumed. Real processes throughout: the CLI, Ray's workers, signals."""
+interrupted run is resumed. Real processes throughout: the CLI, Ray's workers, signals; each run has a hard bound
+(BOUND seconds) past which it fails and its whole session is killed."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 import synth
 from helpers.paths import ROOT
+from helpers.processes import Bounded, run_bounded
 
 pytest.importorskip("ray")
+BOUND = 300  # seconds for one run, Ray's start-up included
 
 
 def command(data: Path, out: Path, *extra: str) -> list[str]:
@@ -35,28 +38,27 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, byt
     lines = data.read_bytes().splitlines(keepends=True)
     data.write_bytes(b"".join(b"{oops\n" + line if i % 37 == 0 else line for i, line in enumerate(lines)))
     out = folder / "local"
-    subprocess.run(command(data, out), cwd=ROOT, check=True, capture_output=True)
+    assert run_bounded(command(data, out), BOUND, cwd=ROOT).returncode == 0
     return data, folder_bytes(out)
 
 
-def ray_run_with_shards(data: Path, out: Path, count: int) -> subprocess.Popen:
+def ray_run_with_shards(data: Path, out: Path, count: int) -> Bounded:
     """A two-worker Ray run, once it has written `count` shards."""
-    process = subprocess.Popen(command(data, out, "--engine", "ray", "--num-proc", "2"), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
+    child = Bounded(command(data, out, "--engine", "ray", "--num-proc", "2"), BOUND, cwd=ROOT)
     while len(list(out.glob("part-*.parquet"))) < count:
-        assert process.poll() is None, "finished before it could be interrupted"
-        assert time.monotonic() < deadline
+        if child.process.poll() is not None:
+            child.kill()
+            pytest.fail("finished before it could be interrupted")
+        child.check_time()
         time.sleep(0.05)
-    return process
+    return child
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ray_writes_the_local_engines_bytes(local, tmp_path, workers):
     data, expected = local
     out = tmp_path / "out"
-    done = subprocess.run(command(data, out, "--engine", "ray", "--num-proc", workers), cwd=ROOT,
-                          capture_output=True, text=True)
+    done = run_bounded(command(data, out, "--engine", "ray", "--num-proc", workers), BOUND, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert folder_bytes(out) == expected
     assert len(expected) > 10  # many shards, the manifest and rejected.jsonl
@@ -71,24 +73,23 @@ def ray_workers() -> list[int]:
 def test_a_killed_worker_is_replaced_and_the_bytes_do_not_change(local, tmp_path):
     data, expected = local
     out = tmp_path / "out"
-    process = ray_run_with_shards(data, out, 1)
-    victims = ray_workers()
-    assert victims
-    os.kill(victims[0], signal.SIGKILL)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr.decode()
+    with ray_run_with_shards(data, out, 1) as child:
+        victims = ray_workers()
+        assert victims
+        os.kill(victims[0], signal.SIGKILL)
+        _, stderr = child.communicate()
+    assert child.process.returncode == 0, stderr
     assert folder_bytes(out) == expected
 
 
 def test_an_interrupted_ray_run_resumes_to_the_same_bytes(local, tmp_path):
     data, expected = local
     out = tmp_path / "out"
-    process = ray_run_with_shards(data, out, 3)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
-    assert process.returncode == 130
+    with ray_run_with_shards(data, out, 3) as child:
+        child.process.send_signal(signal.SIGINT)
+        child.communicate()
+    assert child.process.returncode == 130
     assert not (out / "manifest.json").exists()
-    finished = subprocess.run(command(data, out, "--engine", "ray", "--num-proc", "2", "--resume"), cwd=ROOT,
-                              capture_output=True, text=True)
+    finished = run_bounded(command(data, out, "--engine", "ray", "--num-proc", "2", "--resume"), BOUND, cwd=ROOT)
     assert finished.returncode == 0, finished.stderr
     assert folder_bytes(out) == expected

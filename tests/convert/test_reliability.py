@@ -3,12 +3,12 @@ half-written taken for finished, the same bytes every time."""
 
 import json
 import signal
-import subprocess
 import sys
 import time
 
 import synth
 from helpers.paths import ROOT, TEMPLATES
+from helpers.processes import Bounded, run_bounded
 from helpers.reference import (
     READS,
     contract_samples,
@@ -106,15 +106,14 @@ def convert_command(data, out, *extra):
 
 
 def interrupt_after_shards(command, shards, sig, out):
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while len(list(out.glob("part-*.parquet"))) < shards:
-        assert process.poll() is None, "finished before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.send_signal(sig)
-    process.communicate(timeout=60)
-    return process.returncode
+    with Bounded(command, 300, cwd=ROOT) as child:
+        while len(list(out.glob("part-*.parquet"))) < shards:
+            assert child.process.poll() is None, "finished before it could be interrupted"
+            child.check_time()
+            time.sleep(0.02)
+        child.process.send_signal(sig)
+        child.communicate()
+    return child.process.returncode
 
 
 def test_interrupted_run_resumes_to_identical_bytes(tmp_path):
@@ -124,14 +123,14 @@ def test_interrupted_run_resumes_to_identical_bytes(tmp_path):
     lines = data.read_bytes().splitlines(keepends=True)
     data.write_bytes(b"".join(b"{oops\n" + chunk if i % 97 == 0 else chunk for i, chunk in enumerate(lines)))
     whole = tmp_path / "whole"
-    assert subprocess.run(convert_command(data, whole), cwd=ROOT, capture_output=True).returncode == 0
+    assert run_bounded(convert_command(data, whole), 300, cwd=ROOT).returncode == 0
 
     cut = tmp_path / "cut"
     assert interrupt_after_shards(convert_command(data, cut), 3, signal.SIGINT, cut) == 130
     assert not (cut / "manifest.json").exists()  # nothing looks finished
     assert interrupt_after_shards(convert_command(data, cut, "--resume"), 6, signal.SIGKILL, cut) == -9
     assert not (cut / "manifest.json").exists()
-    finished = subprocess.run(convert_command(data, cut, "--resume"), cwd=ROOT, capture_output=True, text=True)
+    finished = run_bounded(convert_command(data, cut, "--resume"), 300, cwd=ROOT)
     assert finished.returncode == 0, finished.stderr
 
     assert folder_bytes(cut) == folder_bytes(whole)  # the manifest too

@@ -18,7 +18,7 @@ from onepass_prep.convert.tokenizer import qwen_tokenizer_dir
 
 THINK = ("<think>", "</think>")
 
-# The reasoning field each test template reads in the turn being trained, as read off the
+# The reasoning field each test template reads in some turn, as read off the
 # template's source by a person (the converter finds it by rendering probes).
 READS = {
     None: "reasoning_content",  # the bundled Qwen3 template
@@ -33,6 +33,8 @@ READS = {
     "raises.jinja": "reasoning_content",
     "strip_history.jinja": None,
     "prompt_not_prefix.jinja": "reasoning_content",
+    "kimi-k2-thinking.jinja": "reasoning_content",  # only after the last plain answer
+    "field_after_first_answer.jinja": "reasoning_content",  # only after the first answer
 }
 
 

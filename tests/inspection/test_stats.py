@@ -135,3 +135,33 @@ def test_stats_of_one_shard_and_errors(tmp_path):
     result = cli("stats", tmp_path / "part-00000.parquet")
     assert result.exit_code == 1 and "no manifest.json" in result.output
     assert np.isclose(first["attention_pairs"]["saving"], 1 - first["attention_pairs"]["one_pass"] / first["attention_pairs"]["n_pass"])
+
+
+def test_stats_reports_the_audits_of_dropped_reasoning_and_tool_calls(tmp_path):
+    """DeepSeek-R1's template strips the trained turn's reasoning and, with the content
+    transformers drops when it is null, renders no tool call: the summary warns, and the
+    manifest and `stats` count both (2 turns with tool calls, 1 with reasoning, all lost)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+    chats = [
+        {"messages": [{"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "c1", "content": "found"},
+                      {"role": "assistant", "content": "Done."}]},
+        {"messages": [{"role": "user", "content": "Why?"},
+                      {"role": "assistant", "content": "<think>Because.</think>Sure."},
+                      {"role": "user", "content": "Again"},
+                      {"role": "assistant", "content": None, "tool_calls": [call]}]},
+    ]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    out = tmp_path / "out"
+    result = cli("convert", data, "--model", "qwen", "-o", out,
+                 "--chat-template", TEMPLATES / "deepseek-r1-distill-qwen.jinja", columns=400)
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 trained turns with tool calls are trained without one of them" in result.output
+    assert "1 of 1 trained turns with reasoning" in result.output
+    stats = stats_json(out)
+    assert stats["tool_call_audit"] == {"turns_with_tool_calls": 2, "tool_calls_dropped": 2}
+    assert stats["reasoning_audit"] == {"turns_with_reasoning": 1, "reasoning_dropped": 1}
+    table = cli("stats", out).output
+    assert table_cells(table, "tool calls dropped")[1] == "2 of 2 turns"

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.paths import ROOT, TESTS
+from helpers.processes import run_bounded
 from helpers.torch_rows import random_row, write_run
 from torch.utils.data import DataLoader
 
@@ -118,3 +126,163 @@ def test_stream_rank_arguments_are_checked(run) -> None:
         OnePassIterableDataset(folder, rank=1)
     with pytest.raises(ValueError, match="not in"):
         OnePassIterableDataset(folder, rank=2, world_size=2)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """41 rows (no world size of 2-4 divides it) in shards of 11 with row groups of 4:
+    groups of 4, 4, 3 and a last shard of 4, 4."""
+    rng = np.random.default_rng(1)
+    rows = [random_row(rng, int(rng.integers(1, 12)), weighted=True) for _ in range(41)]
+    return write_run(tmp_path_factory.mktemp("uneven") / "run", rows, rows_per_shard=11, rows_per_group=4)
+
+
+def shares(folder: Path, seed: int, world: int, workers: int, monkeypatch) -> tuple[list[list[list]], list]:
+    """Each rank's rows per worker, as keys, and the row groups each consumer read (in
+    consumer order), with DataLoader workers stood in for by their `get_worker_info`."""
+    from onepass_prep.torch import dataset as module
+
+    read = []
+    real_read = module._read_checked
+
+    def recording(path, names, group, first_row):
+        read.append((path.name, group))
+        return real_read(path, names, group, first_row)
+
+    monkeypatch.setattr(module, "_read_checked", recording)
+    result = []
+    for rank in range(world):
+        per_worker = []
+        for worker in range(max(workers, 1)):
+            info = None if workers == 0 else SimpleNamespace(id=worker, num_workers=workers)
+            monkeypatch.setattr(module, "get_worker_info", lambda info=info: info)
+            dataset = OnePassIterableDataset(folder, seed=seed, rank=rank, world_size=world)
+            dataset.set_epoch(3)
+            per_worker.append([key(row) for row in dataset])
+        result.append(per_worker)
+    monkeypatch.undo()
+    return result, read
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_stream_gives_every_rank_and_worker_an_equal_share(uneven, seed, monkeypatch) -> None:
+    """World sizes 1-4 with 0-3 workers: the consumers' rows, in consumer order, are the
+    one-consumer epoch order (every row once, reproducible); ranks' and a rank's workers'
+    counts differ by at most one; each consumer reads a run of consecutive row groups."""
+    (whole,), _ = shares(uneven, seed, 1, 0, monkeypatch)
+    whole_rows = whole[0]
+    groups = sum(pq.ParquetFile(path).num_row_groups for path in uneven.glob("*.parquet"))
+    for world in (1, 2, 3, 4):
+        for workers in (0, 1, 2, 3):
+            ranks, read = shares(uneven, seed, world, workers, monkeypatch)
+            assert [row for rank in ranks for worker in rank for row in worker] == whole_rows
+            per_rank = [sum(len(worker) for worker in rank) for rank in ranks]
+            assert max(per_rank) - min(per_rank) <= 1, per_rank
+            for rank in ranks:
+                assert max(map(len, rank)) - min(map(len, rank)) <= 1
+            # consecutive runs: read in consumer order, a group repeats only where one
+            # consumer's run ends and the next one's begins
+            runs = [group for n, group in enumerate(read) if n == 0 or read[n - 1] != group]
+            assert len(runs) == len(set(runs)) == groups
+    assert shares(uneven, seed, 1, 0, monkeypatch)[0][0][0] == whole_rows, "reproducible"
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_stream_workers_in_a_dataloader_split_a_rank_evenly(uneven) -> None:
+    """Real DataLoader workers (3 per rank, 3 ranks): every row once, equal shares."""
+    counts, seen = [], Counter()
+    for rank in range(3):
+        dataset = OnePassIterableDataset(uneven, seed=5, rank=rank, world_size=3)
+        got = [key(row) for row in DataLoader(dataset, batch_size=None, num_workers=3)]
+        counts.append(len(got))
+        seen.update(got)
+    everything = Counter(key(row) for row in OnePassIterableDataset(uneven, shuffle=False))
+    assert seen == everything and sorted(counts) == [13, 14, 14]
+
+
+DDP_STREAM = textwrap.dedent(
+    """
+    import datetime
+    import faulthandler
+    import json
+    import os
+    import signal
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from torch.distributed.algorithms import Join
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+    from onepass_prep.torch import OnePassCollator
+
+    COLLATE = OnePassCollator(pad_to_multiple_of=16)
+
+    def keyed(rows):  # the batch, and its rows' tokens to check that every row came once
+        return COLLATE(rows), [row["input_ids"].tolist() for row in rows]
+
+    def run(rank, world, init, even, odd, out):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
+        torch.set_num_threads(1)
+        from helpers.torch_models import tiny_model
+        from onepass_prep.torch import (
+            OnePassIterableDataset, forward_loss, install_mask_hook, step_denominator,
+        )
+        # a collective that cannot complete fails in a minute, with the reason
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        model = tiny_model("qwen3", "sdpa")
+        install_mask_hook(model)
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        seen = {}
+        # even: 40 rows, a plain loop with an all-reduced denominator per step; odd: 41
+        # rows, one rank has a row more, so DDP's Join lets the other rank finish first
+        for name, folder in (("even", even), ("odd", odd)):
+            dataset = OnePassIterableDataset(folder, seed=3)  # rank and world from dist
+            dataset.set_epoch(1)
+            loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=keyed)
+            seen[name] = []
+            with Join([ddp], enable=name == "odd"):
+                for batch, keys in loader:
+                    if name == "even":
+                        denominator = step_denominator([batch])
+                    else:
+                        denominator = batch["loss_units"].sum()
+                    forward_loss(ddp, batch, denominator)[0].backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    seen[name] += keys
+        with open(f"{out}/{rank}.json", "w") as file:
+            json.dump(seen, file)
+        dist.barrier()
+        dist.destroy_process_group()
+        # exit without freeing DDP, which can block in the gloo teardown (see the DDP test
+        # of test_torch_weighted.py)
+        sys.stderr.flush()
+        os._exit(0)
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(2, *sys.argv[1:]), nprocs=2)
+    """
+)
+
+
+def test_ddp_plain_loop_streams_a_whole_epoch(run, uneven, tmp_path: Path) -> None:
+    """Two gloo ranks, two DataLoader workers each, training a tiny model over the streaming
+    dataset for one epoch: every row once, equal shares (40 rows), and with 41 rows a row
+    more on one rank, which DDP's Join absorbs; the run cannot outlast its bound."""
+    script = tmp_path / "ddp_stream.py"
+    script.write_text(DDP_STREAM)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [TESTS, ROOT]))}
+    done = run_bounded(
+        [sys.executable, str(script), f"file://{tmp_path / 'rendezvous'}", str(run[0]), str(uneven), str(tmp_path)],
+        240, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for name, folder in (("even", run[0]), ("odd", uneven)):
+        want = Counter(key(row) for row in OnePassIterableDataset(folder, shuffle=False))
+        got = [[tuple(tokens) for tokens in ranks[name]] for ranks in seen]
+        assert Counter(got[0] + got[1]) == want
+        assert sorted(map(len, got)) == ([20, 20] if name == "even" else [20, 21])
