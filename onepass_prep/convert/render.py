@@ -158,12 +158,9 @@ class Renderer:
         forced = os.environ.get(ENGINE_VARIABLE) == "transformers"
         engine = f"{ENGINE_VARIABLE}=transformers" if forced else TemplateEngine.for_tokenizer(tokenizer)
         self.engine = engine if isinstance(engine, TemplateEngine) else None
-        # Which engine renders, for the run's summary.
-        self.engine_name = (
-            "fast path (transformers' compiled template and sandbox)"
-            if self.engine
-            else f"transformers apply_chat_template ({engine})"
-        )
+        # For the run's summary: which engine renders, and why not the fast path.
+        self.engine_name = "fast path" if self.engine else "apply_chat_template"
+        self.fallback_reason = engine if isinstance(engine, str) else None
 
     def reasoning_field(self, kwargs: dict) -> str | None:
         """The reasoning field the template renders in the turn being trained, found by
