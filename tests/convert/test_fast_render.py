@@ -40,10 +40,10 @@ def engine_for(template_text: str) -> TemplateEngine:
     return engine
 
 
-def outcome(render) -> tuple:
+def outcome(render, *args, **kwargs) -> tuple:
     """The text, or the exception's kind and message (what a rejection is made of)."""
     try:
-        return ("text", render())
+        return ("text", render(*args, **kwargs))
     except Exception as error:  # noqa: BLE001  # any kind: it must be the same kind
         return ("error", type(error).__name__, str(error))
 
@@ -65,10 +65,11 @@ def assert_same_views(engine: TemplateEngine, messages: list[dict], tools, kwarg
     texts = errors = 0
     for count in range(1, len(messages) + 1):
         for generation_prompt in (False, True):
-            fast = outcome(lambda: engine.render(prepared, count, generation_prompt))
-            expected = outcome(lambda: engine.tokenizer.apply_chat_template(
-                messages[:count], tools=tools, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
-            ))
+            fast = outcome(engine.render, prepared, count, generation_prompt)
+            expected = outcome(
+                engine.tokenizer.apply_chat_template, messages[:count], tools=tools, tokenize=False,
+                add_generation_prompt=generation_prompt, **kwargs,
+            )
             assert fast == expected, (count, generation_prompt, messages[:count])
             texts += fast[0] == "text"
             errors += fast[0] == "error"
@@ -166,9 +167,9 @@ def test_conversations_it_does_not_reproduce_go_to_transformers(monkeypatch):
     ]
     for view_messages, tools, kwargs, count in cases:
         for generation_prompt in (False, True):
-            expected = outcome(lambda: slow._views(view_messages, tools, kwargs)(count, generation_prompt))
-            assert outcome(lambda: fast._views(view_messages, tools, kwargs)(count, generation_prompt)) == expected
-    assert outcome(lambda: fast._views(messages, None, {})(0, True))[0] == "error"  # an empty conversation
+            expected = outcome(slow._views(view_messages, tools, kwargs), count, generation_prompt)
+            assert outcome(fast._views(view_messages, tools, kwargs), count, generation_prompt) == expected
+    assert outcome(fast._views(messages, None, {}), 0, True)[0] == "error"  # an empty conversation
 
 
 def convert_with(data: Path, out: Path, template: str, forced: bool, monkeypatch) -> str:
