@@ -41,7 +41,7 @@ RENDER_TEMPLATES = {
     "gpt-oss": (TEMPLATES / "gpt-oss.jinja", {}),
     "deepseek-v3.1": (TEMPLATES / "deepseek-v3.1.jinja", {"thinking": True}),
 }
-SECTIONS = "conversion,packing,growth,training,memory,hostile,engines"
+SECTIONS = "conversion,rendering,packing,growth,training,memory,hostile,engines"
 
 
 def timed(function, repeats: int = 1) -> float:
@@ -442,8 +442,9 @@ def main() -> None:
         if "conversion" in only:
             print("conversion ...", flush=True)
             results["conversion"] = conversion(data, repeats=1 if quick else 3)
+        if "rendering" in only:
             print("rendering, per template ...", flush=True)
-            results["conversion"]["templates"] = rendering(data, rounds=1 if quick else 3)
+            results["rendering"] = rendering(data, rounds=1 if quick else 2)
         if "packing" in only:
             print("packing ...", flush=True)
             results["packing"] = packing(data)
@@ -499,7 +500,7 @@ def report(results: dict) -> str:
         "| template | convert vs floor, before / after | convert after vs before | rendering after vs before | rendering's share of convert, before / after |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for name, r in c.get("templates", {}).items():
+    for name, r in results.get("rendering", {}).items():
         lines.append(
             f"| {name} | {r['convert_vs_floor_before']:.2f}x / {r['convert_vs_floor_after']:.2f}x "
             f"| {r['convert_after_vs_before']:.2f}x | {r['render_after_vs_before']:.2f}x "
