@@ -28,12 +28,20 @@ import synth  # noqa: E402
 
 from onepass_prep.convert import ConvertOptions, convert  # noqa: E402
 from onepass_prep.convert.records import Conversation, read_jsonl  # noqa: E402
-from onepass_prep.convert.render import Renderer  # noqa: E402
+from onepass_prep.convert.render import ENGINE_VARIABLE, Renderer  # noqa: E402
 from onepass_prep.convert.tokenizer import load_tokenizer, qwen_tokenizer_dir  # noqa: E402
 from onepass_prep.convert.work import Rules, layout_conversation  # noqa: E402
 
 THINK = ("<think>", "</think>")
-SECTIONS = "conversion,packing,growth,training,memory,hostile,engines"
+TEMPLATES = Path(__file__).resolve().parents[1] / "tests" / "templates"
+# Templates whose rendering is measured apart, with the kwargs of their reasoning mode
+# (None: the model's own, Qwen3).
+RENDER_TEMPLATES = {
+    "qwen3": (None, {}),
+    "gpt-oss": (TEMPLATES / "gpt-oss.jinja", {}),
+    "deepseek-v3.1": (TEMPLATES / "deepseek-v3.1.jinja", {"thinking": True}),
+}
+SECTIONS = "conversion,rendering,packing,growth,training,memory,hostile,engines"
 
 
 def timed(function, repeats: int = 1) -> float:
@@ -126,6 +134,78 @@ def conversion(data: Path, repeats: int) -> dict:
         "convert_2_cores_busy": cpu["convert_2"] / seconds["convert_2"],
         "convert_1_vs_obvious": seconds["obvious_n_pass"] / seconds["convert_1"],
         "obvious_cost_in_floors": seconds["obvious_n_pass"] / seconds["floor"],
+    }
+
+
+class forced_engine:
+    """Within it, Renderers made use transformers' apply_chat_template (the "before" arm)."""
+
+    def __enter__(self) -> None:
+        os.environ[ENGINE_VARIABLE] = "transformers"
+
+    def __exit__(self, *_: object) -> None:
+        os.environ.pop(ENGINE_VARIABLE, None)
+
+
+def rendering(data: Path, rounds: int) -> dict:
+    """Per template: convert (1 process) vs the floor, with the fast rendering path (after)
+    and with transformers' apply_chat_template forced (before), and the share of each
+    convert's time its rendering alone takes (renderer.render_many on the same chats)."""
+    return {
+        name: rendering_arms(data, template, kwargs, rounds) for name, (template, kwargs) in RENDER_TEMPLATES.items()
+    }
+
+
+def rendering_arms(data: Path, template: Path | None, kwargs: dict, rounds: int) -> dict:
+    tokenizer = load_tokenizer("qwen", template.read_text(encoding="utf-8") if template else None).tokenizer
+    fast = Renderer(tokenizer, THINK, kwargs)
+    with forced_engine():
+        before = Renderer(tokenizer, THINK, kwargs)
+    assert fast.engine is not None and before.engine is None, fast.fallback_reason
+    # The chats the template renders (some refuse tool-call arguments given as objects), so
+    # that every arm does the same work.
+    lines = data.read_text(encoding="utf-8").splitlines(keepends=True)
+    every = [c for c in read_jsonl(data, THINK) if isinstance(c, Conversation)]  # synth writes no bad line
+    kept = [line for line, turns in zip(lines, fast.render_many(every), strict=True) if isinstance(turns, list)]
+    data = data.with_name(f"{data.stem}-{template.stem if template else 'own'}.jsonl")
+    data.write_text("".join(kept), encoding="utf-8")
+    conversations = [c for c in read_jsonl(data, THINK) if isinstance(c, Conversation)]
+    chats = [(*fast.template_input(c)[::2], c.tools) for c in conversations]
+
+    def floor() -> None:  # one plain render+tokenize per chat, with its tools
+        for messages, merged, tools in chats:
+            tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False, **merged)  # type: ignore[arg-type]
+
+    def run_convert(forced: bool) -> None:
+        options = ConvertOptions(model="qwen", chat_template=template, chat_template_kwargs=kwargs)
+        with tempfile.TemporaryDirectory() as out:
+            if forced:
+                with forced_engine():
+                    convert([data], Path(out), options)
+            else:
+                convert([data], Path(out), options)
+
+    best = interleaved(
+        {
+            "floor": floor,
+            "convert_after": lambda: run_convert(False),
+            "convert_before": lambda: run_convert(True),
+            "render_after": lambda: fast.render_many(conversations),
+            "render_before": lambda: before.render_many(conversations),
+        },
+        rounds,
+    )
+    seconds = {arm: wall for arm, (wall, _) in best.items()}
+    return {
+        "conversations": len(conversations),
+        "seconds": seconds,
+        "cpu_seconds": {arm: used for arm, (_, used) in best.items()},
+        "convert_vs_floor_after": seconds["floor"] / seconds["convert_after"],
+        "convert_vs_floor_before": seconds["floor"] / seconds["convert_before"],
+        "convert_after_vs_before": seconds["convert_before"] / seconds["convert_after"],
+        "render_after_vs_before": seconds["render_before"] / seconds["render_after"],
+        "render_share_after": seconds["render_after"] / seconds["convert_after"],
+        "render_share_before": seconds["render_before"] / seconds["convert_before"],
     }
 
 
@@ -362,6 +442,9 @@ def main() -> None:
         if "conversion" in only:
             print("conversion ...", flush=True)
             results["conversion"] = conversion(data, repeats=1 if quick else 3)
+        if "rendering" in only:
+            print("rendering, per template ...", flush=True)
+            results["rendering"] = rendering(data, rounds=1 if quick else 2)
         if "packing" in only:
             print("packing ...", flush=True)
             results["packing"] = packing(data)
@@ -412,6 +495,17 @@ def report(results: dict) -> str:
         lines.append(f"| Ray 2 workers vs 1 worker | {e['ray_2_vs_ray_1']:.2f}x | |")
         lines.append(f"| Ray start-up (10 chats: Ray 2 workers minus local) | {e['ray_startup_over_local']:.1f} s | |")
         lines.append(f"| same, start-up left out: Ray 2 workers vs local / vs Ray 1 worker | {e['steady_ray_2_vs_local']:.2f}x / {e['steady_ray_2_vs_ray_1']:.2f}x | |")
+    lines += [
+        "",
+        "| template | convert vs floor, before / after | convert after vs before | rendering after vs before | rendering's share of convert, before / after |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.get("rendering", {}).items():
+        lines.append(
+            f"| {name} | {r['convert_vs_floor_before']:.2f}x / {r['convert_vs_floor_after']:.2f}x "
+            f"| {r['convert_after_vs_before']:.2f}x | {r['render_after_vs_before']:.2f}x "
+            f"| {r['render_share_before']:.0%} / {r['render_share_after']:.0%} |"
+        )
     lines += [
         "",
         "| turns | tokens per chat, one-pass / N-pass | ratio | attention pairs per chat (millions), one-pass / N-pass | ratio |",

@@ -187,6 +187,7 @@ def summary_table(summary: ConvertSummary, out_dir: Path, packed: bool) -> Table
     table.add_row("fill rate", f"{summary.fill_rate:.1%}" if packed else "n/a (--no-pack)")
     table.add_row("turns with reasoning / trained without it", f"{summary.reasoning_turns:,} / {summary.reasoning_dropped:,}")
     table.add_row("turns with tool calls / trained without one", f"{summary.tool_call_turns:,} / {summary.tool_calls_dropped:,}")
+    table.add_row("chat template rendered by", summary.render_engine)
     if summary.rejected:
         table.caption = f"rejected records and reasons: {out_dir / 'rejected.jsonl'}"
     return table

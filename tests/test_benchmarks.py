@@ -24,4 +24,6 @@ def test_benchmark_quick_run_reports_every_section(tmp_path):
     assert training["one_pass_tokens"] < training["n_pass_tokens"]
     assert [m["conversations"] for m in results["memory"]] == [200, 400]
     assert results["hostile"]["rejected_by_kind"] == {"too-long": 1}
+    assert set(results["rendering"]) == {"qwen3", "gpt-oss", "deepseek-v3.1"}
+    assert all(r["render_after_vs_before"] > 0 for r in results["rendering"].values())
     assert "| packing fill rate" in done.stdout

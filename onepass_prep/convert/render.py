@@ -14,6 +14,7 @@ rendering probes, once per template and set of template kwargs), a null content 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -21,6 +22,7 @@ from typing import Literal, TypeVar
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from onepass_prep.convert.chat_template import TemplateEngine
 from onepass_prep.convert.encode import PieceEncoder
 from onepass_prep.convert.records import (
     REASONING_FIELDS,
@@ -33,6 +35,8 @@ from onepass_prep.convert.records import (
 # holds it.
 Audit = Literal["none", "kept", "dropped"]
 PROBE = "onepass-prep probe 7f3a91"
+# Set to "transformers" to render every view with `apply_chat_template` (docs/running.md).
+ENGINE_VARIABLE = "ONEPASS_PREP_RENDER"
 
 
 def _probes() -> list[tuple[list[dict], list[dict] | None]]:
@@ -166,6 +170,8 @@ def template_error(error: Exception) -> BadRecord:
 
 
 Rendered = list[RenderedTurn] | BadRecord
+# A conversation's renderer: the text of messages[:count], with or without the generation prompt.
+Views = Callable[[int, bool], str]
 
 
 class Renderer:
@@ -183,6 +189,12 @@ class Renderer:
         self.template_kwargs = template_kwargs or {}
         self.encoder = PieceEncoder(tokenizer.backend_tokenizer)
         self._fields: dict[str, str | None] = {}
+        forced = os.environ.get(ENGINE_VARIABLE) == "transformers"
+        engine = f"{ENGINE_VARIABLE}=transformers" if forced else TemplateEngine.for_tokenizer(tokenizer)
+        self.engine = engine if isinstance(engine, TemplateEngine) else None
+        # For the run's summary: which engine renders, and why not the fast path.
+        self.engine_name = "fast path" if self.engine else "apply_chat_template"
+        self.fallback_reason = engine if isinstance(engine, str) else None
 
     def reasoning_field(self, kwargs: dict) -> str | None:
         """The reasoning field the template renders in any turn of any probe (PROBES),
@@ -225,12 +237,9 @@ class Renderer:
         messages, reasoning, kwargs = self.template_input(conversation)
 
         def render(messages: list[dict]) -> list[tuple[int, str, str]]:
+            view = self._views(messages, conversation.tools, kwargs)
             return [
-                (
-                    index,
-                    self._apply(messages[:index], conversation.tools, True, kwargs),
-                    self._apply(messages[: index + 1], conversation.tools, False, kwargs),
-                )
+                (index, view(index, True), view(index + 1, False))
                 for index, message in enumerate(messages)
                 if message["role"] == "assistant" and conversation.weights[index] > 0
             ]
@@ -288,18 +297,32 @@ class Renderer:
     def _apply(
         self, messages: list[dict], tools: list[dict] | None, generation_prompt: bool, kwargs: dict
     ) -> str:
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages,
-                tools=tools,  # type: ignore[arg-type]  # transformers types tools as dict | Callable
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-                **kwargs,
-            )
-        except Exception as error:  # a template may raise anything; the record is bad
-            raise template_error(error) from None
-        assert isinstance(text, str)  # tokenize=False
-        return text
+        return self._views(messages, tools, kwargs)(len(messages), generation_prompt)
+
+    def _views(self, messages: list[dict], tools: list[dict] | None, kwargs: dict) -> Views:
+        """Renders `messages[:count]` as `apply_chat_template(..., tokenize=False)` does: with
+        the fast path where it holds for this conversation (its work shared by all views),
+        else with `apply_chat_template` itself."""
+        engine = self.engine
+        prepared = engine.prepare(messages, tools, kwargs) if engine else None
+
+        def view(count: int, generation_prompt: bool) -> str:
+            try:
+                if engine and prepared is not None and count:
+                    return engine.render(prepared, count, generation_prompt)
+                text = self.tokenizer.apply_chat_template(
+                    messages[:count],
+                    tools=tools,  # type: ignore[arg-type]  # transformers types tools as dict | Callable
+                    tokenize=False,
+                    add_generation_prompt=generation_prompt,
+                    **kwargs,
+                )
+            except Exception as error:  # a template may raise anything; the record is bad
+                raise template_error(error) from None
+            assert isinstance(text, str)  # tokenize=False
+            return text
+
+        return view
 
 
 def _audit(reasoning: str | None, prompt: str, text: str) -> Audit:

@@ -61,6 +61,7 @@ class ConvertSummary:
     tool_calls_dropped: int = 0  # of those, turns whose trained text lacks one of them
     max_seq_len: int = 0
     notes: list[str] = field(default_factory=list)  # things the user should hear of
+    render_engine: str = ""  # what rendered the chat template (Renderer.engine_name); not in the manifest
 
     @property
     def token_saving(self) -> float:
@@ -143,7 +144,9 @@ def _convert(
     renderer: Renderer,
     run: Checkpoint,
 ) -> ConvertSummary:
-    summary = ConvertSummary(max_seq_len=options.max_seq_len, notes=run.notes)
+    summary = ConvertSummary(max_seq_len=options.max_seq_len, notes=[*run.notes], render_engine=renderer.engine_name)
+    if renderer.fallback_reason:
+        summary.notes.append(f"chat template rendered by apply_chat_template, not the fast path: {renderer.fallback_reason}")
     _restore_counts(summary, run.done.counts)
     run.begin()
     rules = Rules(
