@@ -128,6 +128,10 @@ def _structure_inputs(
 def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> RemovableHandle:
     """Make ``model(**batch)`` build ``attention_mask`` from the collator's ``subtree_end``.
 
+    Raises ``ValueError`` here, not at the first step, for a model that no mask makes exact
+    (a layer that is not full, sliding-window or chunked attention: ``layers.check_layers``).
+    Each layer type gets its own mask (sliding windows and chunks need ``position_ids``).
+
     ``kind`` defaults to what the model's attention implementation takes (sdpa: bool, eager:
     float, flex_attention: a ``BlockMask`` whose block tables come from ``subtree_end`` on the
     model's device, masks.py), read at every call. ``kind="tree"`` switches the model to

@@ -8,9 +8,11 @@ three and two conversations packed, padded). The oracle runs the unmodified mode
 own masks) on each N-pass sample; the one-pass side goes through ``install_mask_hook`` with
 each attention implementation transformers offers for the model. Per-token losses are matched
 by (context, target), so a token is compared with itself. Flex runs forward only: its backward
-needs the compiled GPU kernel (test_torch_flex.py). Hybrid models are refused at install time
-with their reason, and one tree mask shared by every layer (what the hook did before) is shown
-to fail the window models, so the matrix would catch it.
+needs the compiled GPU kernel (test_torch_flex.py); its window block tables are checked tile by
+tile against create_block_mask instead. Tree attention holds windows and chunks in its plan and
+refuses softcapping and sinks with what to use. Hybrid models are refused at install time with
+their reason, and one tree mask shared by every layer (what the hook did before) is shown to
+fail the window models, so the matrix would catch it.
 """
 
 from __future__ import annotations
@@ -319,3 +321,43 @@ def test_llama4_temperature_tuning_refuses_rows_past_its_floor_scale() -> None:
     assert batch["input_ids"].shape[1] > 63
     with pytest.raises(ValueError, match=r"floor_scale - 1 = 63 tokens; convert with --max-seq-len 63"):
         model(**batch)
+
+
+TABLES = (
+    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+    "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+)
+
+
+@pytest.mark.parametrize("window, chunk", [(5, None), (100, None), (130, None), (None, 7), (None, 200)])
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_window_block_tables_equal_create_block_mask_tile_by_tile(window, chunk, block_size: int) -> None:
+    """Flex's BlockMask for a window or chunked layer: the tables create_block_mask derives
+    from the dense rule (FORMAT.md tree rule, and p[q] - p[kv] < W or the same chunk of C,
+    written here from the definition), and mask_mod equal to that rule on every pair."""
+    import numpy as np
+    from helpers.torch_rows import make_row, random_row
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    from onepass_prep.torch import block_mask
+    from onepass_prep.torch.masks import key_limits
+
+    rng = np.random.default_rng(block_size + (window or 0) + (chunk or 0))
+    chain = make_row(rng.integers(0, 500, 700).tolist(), [IGNORE] * 700, [300, 200, 200], [-1, 0, 0])
+    rows = [random_row(rng, 40), random_row(rng, 300), chain, random_row(rng, 1)]
+    batch = OnePassCollator(pad_to_multiple_of=16)(rows)
+    length = batch["input_ids"].shape[1]
+    rule = torch.zeros(len(rows), length, length, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        n, p = row["num_tokens"], torch.tensor(row["position_ids"])
+        near = (p[:, None] - p[None, :] < window) if window else (p[:, None] // chunk == p[None, :] // chunk)
+        spec = row["mask_spec"]
+        rule[b, :n, :n] = torch.from_numpy(reference_visible(spec["seg_lens"], spec["seg_parents"])) & near
+        rule[b, range(n, length), range(n, length)] = True
+    limit = key_limits(batch["position_ids"], window, chunk)
+    mine = block_mask(batch["subtree_end"], block_size, batch["position_ids"], limit)
+    theirs = create_block_mask(lambda b, h, q, kv: rule[b, q, kv], len(rows), None, length, length,
+                               device="cpu", BLOCK_SIZE=block_size)
+    for name in TABLES:
+        assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
+    assert torch.equal(create_mask(mine.mask_mod, len(rows), 1, length, length, device="cpu")[:, 0], rule)
