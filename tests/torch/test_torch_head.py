@@ -124,6 +124,20 @@ def test_unknown_head_keeps_trained_positions() -> None:
     assert_same(step(model, micro), step(model, micro, full_logits=True))
 
 
+class IgnoresLogitsToKeep(Qwen3ForCausalLM):
+    def forward(self, *args, logits_to_keep=0, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_a_model_that_ignores_logits_to_keep_is_still_right() -> None:
+    torch.manual_seed(0)
+    model = IgnoresLogitsToKeep(copy.deepcopy(tiny_model("qwen3", "sdpa").config))
+    install_mask_hook(model)
+    micro = micro_batches("token")
+    assert forward_loss(model, micro[0], 1)[1].logits.shape[:2] == micro[0]["labels"].shape
+    assert_same(step(model, micro), step(model, micro, full_logits=True))
+
+
 def test_tree_attention_takes_the_chunked_head() -> None:
     model = make_model("llama")
     install_mask_hook(model, kind="tree")
