@@ -270,7 +270,7 @@ def _kept(
     keep = torch.unique(predicting_positions(labels)[1])  # sorted; the union over rows
     outputs = model(**inputs, **model_kwargs, logits_to_keep=keep)
     logits = outputs.logits
-    if logits.shape[:2] == (labels.shape[0], length) and len(keep) != length:
+    if logits.shape[:2] == labels.shape:  # keep holds at most L - 1 positions
         # the model ignored logits_to_keep: its full logits are right, only larger
         return full_logits_sum(logits, labels, loss_weights), outputs
     if logits.shape[:2] != (labels.shape[0], len(keep)):

@@ -124,6 +124,20 @@ def test_unknown_head_keeps_trained_positions() -> None:
     assert_same(step(model, micro), step(model, micro, full_logits=True))
 
 
+class IgnoresLogitsToKeep(Qwen3ForCausalLM):
+    def forward(self, *args, logits_to_keep=0, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_a_model_that_ignores_logits_to_keep_is_still_right() -> None:
+    torch.manual_seed(0)
+    model = IgnoresLogitsToKeep(copy.deepcopy(tiny_model("qwen3", "sdpa").config))
+    install_mask_hook(model)
+    micro = micro_batches("token")
+    assert forward_loss(model, micro[0], 1)[1].logits.shape[:2] == micro[0]["labels"].shape
+    assert_same(step(model, micro), step(model, micro, full_logits=True))
+
+
 def test_tree_attention_takes_the_chunked_head() -> None:
     model = make_model("llama")
     install_mask_hook(model, kind="tree")
@@ -225,3 +239,43 @@ def test_mixed_precision_and_trl_wrappers_keep_the_chunked_head() -> None:
     for name, grad in full_grads.items():
         cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), grad.flatten(), dim=0)
         assert cosine > 0.99, name
+
+
+def test_trainer_evaluation_takes_the_chunked_head(tmp_path) -> None:
+    """onepass_trainer(Trainer).evaluate(): each batch over its own units, without logits;
+    full_logits=True gives the same loss and every position's logits."""
+    from helpers.torch_rows import write_run
+    from helpers.trainers import common_args
+    from transformers import Trainer, TrainingArguments
+
+    from onepass_prep.torch import OnePassDataset, onepass_trainer
+
+    rows = [pack([CHATS[c] for c in chats], [f"c{c}" for c in chats], [WEIGHTS[c] for c in chats],
+                 "conversation") for chats in ([0, 1], [2], [3, 4])]
+    folder = write_run(tmp_path / "rows", rows, rows_per_shard=3, rows_per_group=3,
+                       loss={"normalization": "conversation", "train_on": "all"})
+    dataset = OnePassDataset(folder, cache_dir=tmp_path / "cache")
+    model = make_model("qwen3")
+    install_mask_hook(model)
+    collate = OnePassCollator(pad_to_multiple_of=16)
+    logits = {}
+
+    def evaluate(full: bool) -> float:
+        def keep(predictions):
+            logits[full] = predictions.predictions
+            return {}
+
+        trainer = onepass_trainer(Trainer, full_logits=full)(
+            model=model, args=TrainingArguments(**common_args(tmp_path / "out"), per_device_eval_batch_size=1),
+            eval_dataset=dataset, data_collator=collate, compute_metrics=keep,
+        )
+        return trainer.evaluate()["eval_loss"]
+
+    chunked, full = evaluate(False), evaluate(True)
+    with torch.no_grad():
+        by_hand = np.mean([
+            forward_loss(model, batch, batch["loss_units"].sum(), full_logits=True)[0].item()
+            for batch in (collate([row]) for row in rows)
+        ])
+    assert chunked == pytest.approx(by_hand, rel=1e-5) and full == pytest.approx(by_hand, rel=1e-5)
+    assert logits[False].shape[1] == 0 and logits[True].shape[1] > 0
