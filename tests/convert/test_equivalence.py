@@ -119,10 +119,10 @@ def assistant(draw, content):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(record=conversations())
 def test_generated_conversations_are_exact(template, record):
-    loaded, reference = cached_tokenizers(template)
+    renderer, reference = cached_tokenizers(template)
     conversation = parse_line(json.dumps(record).encode(), "generated", 1, THINK)
     assert isinstance(conversation, Conversation), conversation
-    layout = layout_conversation(conversation, Renderer(loaded.tokenizer, THINK), Rules(THINK, 10**9))
+    layout = layout_conversation(conversation, renderer, Rules(THINK, 10**9))
     row = join([("generated", layout)])
     row_dict = {
         "input_ids": row.input_ids,
@@ -138,10 +138,12 @@ _tokenizers = {}
 
 
 def cached_tokenizers(template):
-    """(the converter's tokenizer, the reference AutoTokenizer) for a template."""
+    """(the converter's renderer, the reference AutoTokenizer) for a template, made once: a
+    Renderer takes about a second to build its piece encoder, as in one run."""
     if template not in _tokenizers:
         path = TEMPLATES / template if template else None
-        _tokenizers[template] = (load_tokenizer("qwen", path and path.read_text()), reference_tokenizer(path))
+        loaded = load_tokenizer("qwen", path and path.read_text())
+        _tokenizers[template] = (Renderer(loaded.tokenizer, THINK), reference_tokenizer(path))
     return _tokenizers[template]
 
 

@@ -181,7 +181,7 @@ records = st.one_of(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(records, min_size=1, max_size=4))
 def test_fuzzed_records_convert_exactly_or_are_rejected(qwen, batch):
-    renderer = Renderer(qwen.tokenizer, THINK)
+    renderer = fuzz_renderer(qwen)  # one for all examples, as for all records of a run
     lines = [("fuzz.jsonl", n, json.dumps(r, ensure_ascii=False).encode()) for n, r in enumerate(batch, 1)]
     results = convert_lines(lines, renderer, Rules(THINK, 8192))
     assert [r.line for r in results] == [n for n, _ in enumerate(batch, 1)]
@@ -200,6 +200,14 @@ def test_fuzzed_records_convert_exactly_or_are_rejected(qwen, batch):
 
 
 _reference = []
+_renderer: list[Renderer] = []
+
+
+def fuzz_renderer(qwen) -> Renderer:
+    """Made once: building a Renderer's piece encoder takes about a second."""
+    if not _renderer:
+        _renderer.append(Renderer(qwen.tokenizer, THINK))
+    return _renderer[0]
 
 
 def fuzz_reference():
