@@ -444,7 +444,9 @@ def main() -> None:
             results["conversion"] = conversion(data, repeats=1 if quick else 3)
         if "rendering" in only:
             print("rendering, per template ...", flush=True)
-            results["rendering"] = rendering(data, rounds=1 if quick else 2)
+            # The first 150 of the same chats: three templates times five arms must fit a run.
+            first = synth.write(Path(folder) / "render.jsonl", 20 if quick else 150, seed=1)
+            results["rendering"] = rendering(first, rounds=1 if quick else 2)
         if "packing" in only:
             print("packing ...", flush=True)
             results["packing"] = packing(data)

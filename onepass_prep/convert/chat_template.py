@@ -29,6 +29,7 @@ that code; otherwise, and for a conversation outside what it reproduces (see `pr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable
@@ -72,6 +73,7 @@ _RESERVED = frozenset(
 _DICT_ATTRIBUTES = frozenset(name for klass in dict.__mro__ for name in vars(klass))
 
 
+@functools.cache
 def _fingerprint() -> str:
     digest = hashlib.sha256()
     for function in _CHECKED:
