@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from .collate import STRUCTURE_KEY
 from .loss import UNITS_KEY, WEIGHTS_KEY, plain_token_mean
 from .masks import block_mask, bool_mask, float_mask
+from .recurrent import RECURRENT_PLAN_KEY, handles, install_tree_recurrence, recurrent_plan
 from .tree_attention import PLAN_KEY, TREE_ATTENTION, register_tree_attention, tree_plan
 
 if TYPE_CHECKING:  # the hook serves transformers models; the runtime does not import it
@@ -100,6 +101,9 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
         register_tree_attention()
         model.set_attn_implementation(TREE_ATTENTION)
     _kind_for(model, kind)  # fail at install time on an impossible combination
+    recurrent = handles(model)
+    if recurrent:  # linear-attention layers: each segment from its parent's state (recurrent.py)
+        install_tree_recurrence(model)
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if STRUCTURE_KEY not in kwargs:
@@ -112,6 +116,8 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
         if kwargs.get("attention_mask") is not None:
             raise ValueError("the batch already has an attention_mask; the hook builds it")
         _check_loss_columns(kwargs.pop(WEIGHTS_KEY, None), kwargs.pop(UNITS_KEY, None))
+        if recurrent:
+            kwargs[RECURRENT_PLAN_KEY] = recurrent_plan(kwargs[STRUCTURE_KEY], model.device)
         kwargs.update(_structure_inputs(model, kwargs.pop(STRUCTURE_KEY), kind))
         return args, kwargs
 
