@@ -29,11 +29,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # the runtime does not import transformers
+    from transformers import PreTrainedModel
 
 RECURRENT_PLAN_KEY = "onepass_recurrent_plan"
 # The model config's name for the layers this module makes exact.
@@ -73,11 +76,12 @@ def recurrent_layers(model: nn.Module) -> list[nn.Module]:
     return [layer for layer in layers if isinstance(layer, nn.Module)]
 
 
-def handles(model: nn.Module) -> bool:
+def handles(model: PreTrainedModel) -> bool:
     """Whether this module makes every recurrent layer of ``model`` exact on tree rows: its
     config's layer types are attention or ``linear_attention``, and each linear-attention
     module is a Gated DeltaNet whose forward this module knows."""
-    layer_types = getattr(model.config, "layer_types", None) or ()
+    config = model.config.get_text_config()  # a vision-language model's text layers
+    layer_types = getattr(config, "layer_types", None) or ()
     layers = recurrent_layers(model)
     return (
         any(t in RECURRENT_LAYER_TYPES for t in layer_types)
@@ -86,7 +90,7 @@ def handles(model: nn.Module) -> bool:
     )
 
 
-def install_tree_recurrence(model: nn.Module) -> None:
+def install_tree_recurrence(model: PreTrainedModel) -> None:
     """Give each linear-attention module of ``model`` the tree forward, used in calls that
     carry ``RECURRENT_PLAN_KEY`` (the mask hook adds it); other calls run the original forward.
     Installing twice changes nothing."""
