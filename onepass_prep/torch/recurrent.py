@@ -118,11 +118,13 @@ def install_tree_recurrence(model: PreTrainedModel) -> None:
 @dataclass(frozen=True)
 class Group:
     """One kernel call: ``tokens[c, t]`` is the flat index of chain ``c``'s ``t``-th token
-    (``B * L`` = padding), ``parent_states[c]`` the row of its initial state in the stack of
-    final states so far (row 0: zeros, for roots)."""
+    (``B * L`` = padding). The initial states: ``sources`` lists ``(group, rows)``, the rows of
+    an earlier group's final states (group ``-1``: that many zero states, for roots); laid end
+    to end, row ``state_order[c]`` is chain ``c``'s. Only the states a call needs are copied."""
 
     tokens: torch.Tensor
-    parent_states: torch.Tensor
+    sources: list[tuple[int, torch.Tensor]]
+    state_order: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -176,10 +178,10 @@ def recurrent_plan(subtree_end: torch.Tensor, device: torch.device | str | None 
             level[c] = level[p] + 1
     chunks = -(-(stops - starts) // CHUNK)
     bucket = 2 ** np.ceil(np.log2(chunks)).astype(np.int64)
-    state_row = np.zeros(len(starts), np.int64)
+    group_of, row_in_group = np.full(len(starts), -1), np.zeros(len(starts), np.int64)
     groups: list[Group] = []
     output_rows = np.zeros(total, np.int64)
-    next_state, next_output = 1, 0
+    next_output = 0
     for lvl in range(int(level.max()) + 1 if len(starts) else 0):
         for size in np.unique(bucket[level == lvl]).tolist():
             members = np.flatnonzero((level == lvl) & (bucket == size))
@@ -189,10 +191,18 @@ def recurrent_plan(subtree_end: torch.Tensor, device: torch.device | str | None 
                 n = stops[c] - starts[c]
                 tokens[i, :n] = np.arange(starts[c], stops[c])
                 output_rows[starts[c] : stops[c]] = next_output + i * width + np.arange(n)
-            inherited = np.where(parent_chain[members] >= 0, state_row[np.maximum(parent_chain[members], 0)], 0)
-            state_row[members] = next_state + np.arange(len(members))
-            next_state, next_output = next_state + len(members), next_output + tokens.size
-            groups.append(Group(torch.from_numpy(tokens).to(device), torch.from_numpy(inherited).to(device)))
+            parent = parent_chain[members]
+            source_group = np.where(parent >= 0, group_of[np.maximum(parent, 0)], -1)
+            order = np.argsort(source_group, kind="stable")
+            sources = [
+                (int(g), torch.from_numpy(np.where(parent >= 0, row_in_group[np.maximum(parent, 0)], 0)[
+                    order[source_group[order] == g]]).to(device))
+                for g in np.unique(source_group).tolist()
+            ]
+            group_of[members], row_in_group[members] = len(groups), np.arange(len(members))
+            next_output += tokens.size
+            groups.append(Group(torch.from_numpy(tokens).to(device), sources,
+                                torch.from_numpy(np.argsort(order)).to(device)))
     return RecurrentPlan(
         (batch, length),
         torch.from_numpy(np.append(parents, total)).to(device),
@@ -226,18 +236,20 @@ def tree_delta_rule(kernel: Callable, query: torch.Tensor, key: torch.Tensor, va
     """The gated delta rule over ``[N, heads, dim]`` flat tokens, level by level of the plan:
     each chain through ``kernel`` (the model's own chunked kernel) from its parent's final state."""
     inputs = [_with_zero_row(x) for x in (query, key, value, g, beta)]
-    states: list[torch.Tensor] = []
+    finals: list[torch.Tensor] = []
     outputs = []
     for group in plan.groups:
         q, k, v, decay, b = (x[group.tokens] for x in inputs)
-        if not states:
-            shape = (1, v.shape[2], k.shape[-1], v.shape[-1])
-            states.append(torch.zeros(shape, dtype=torch.float32, device=v.device))
-        initial = torch.cat(states).index_select(0, group.parent_states)
+        shape = (v.shape[2], k.shape[-1], v.shape[-1])
+        initial = torch.cat([
+            finals[g].index_select(0, rows) if g >= 0
+            else torch.zeros((len(rows), *shape), dtype=torch.float32, device=v.device)
+            for g, rows in group.sources
+        ]).index_select(0, group.state_order)
         out, final = kernel(q, k, v, g=decay, beta=b, initial_state=initial, output_final_state=True,
                             use_qk_l2norm_in_kernel=True)
         outputs.append(out.flatten(0, 1))
-        states.append(final)
+        finals.append(final)
     return torch.cat(outputs).index_select(0, plan.output_rows)
 
 

@@ -141,21 +141,23 @@ def test_plan_follows_the_format_tree(seed: int) -> None:
     np.testing.assert_array_equal(np.where(got == total, -1, got), want)
 
     ran = np.zeros(total + 1, bool)
-    ran[total] = True
-    final_of = {0: total}  # state row -> the token whose state it is (row 0: a root's zeros)
-    rows_so_far = 1
+    last_token: list[list[int]] = []  # per group, per chain: the token its final state follows
     for group in plan.groups:
         tokens = group.tokens.numpy()
-        for chain, state in zip(tokens, group.parent_states.tolist(), strict=True):
+        initial = [(g, int(r)) for g, rows in group.sources for r in rows]
+        initial = [initial[i] for i in group.state_order.tolist()]
+        last_token.append([])
+        for chain, (g, row) in zip(tokens, initial, strict=True):
             real = chain[chain < total]
             assert (chain[len(real):] == total).all()  # padded at the end only
             assert not ran[real].any()
             head_parent = want[real[0]]
-            assert final_of[state] == (total if head_parent == -1 else head_parent)
+            assert (g == -1) == (head_parent == -1)  # a root starts from zeros
+            assert g == -1 or last_token[g][row] == head_parent  # else from its parent's state
             assert (want[real[1:]] == real[:-1]).all()
-            final_of[rows_so_far] = real[-1]
-            rows_so_far += 1
+            last_token[-1].append(real[-1])
         ran[tokens[tokens < total]] = True
+    ran[total] = True
     assert ran.all()
     assert plan.output_rows.unique().numel() == total
 
@@ -235,7 +237,7 @@ def test_without_the_handover_the_losses_differ(family: str, monkeypatch: pytest
     handle.remove()
     zero_states = recurrent.RecurrentPlan(
         plan.shape, plan.parents,
-        [recurrent.Group(g.tokens, torch.zeros_like(g.parent_states)) for g in plan.groups],
+        [recurrent.Group(g.tokens, [(-1, g.state_order)], torch.arange(len(g.tokens))) for g in plan.groups],
         plan.output_rows, plan.levels,
     )
     total = plan.parents.numel() - 1
