@@ -41,7 +41,7 @@ RENDER_TEMPLATES = {
     "gpt-oss": (TEMPLATES / "gpt-oss.jinja", {}),
     "deepseek-v3.1": (TEMPLATES / "deepseek-v3.1.jinja", {"thinking": True}),
 }
-SECTIONS = "conversion,rendering,packing,growth,training,memory,hostile,engines"
+SECTIONS = "conversion,rendering,packing,growth,training,hybrid,memory,hostile,engines"
 
 
 def timed(function, repeats: int = 1) -> float:
@@ -237,6 +237,31 @@ def growth(per_turn_count: int, max_turns: int) -> list[dict]:
     return results
 
 
+def benchmark_chats(count: int) -> tuple[list[dict], list[tuple[np.ndarray, int]], int]:
+    """One-pass rows (one chat each), the N-pass samples of the same chats, and the vocabulary
+    size after renumbering: a random model needs no real vocabulary, so the ids in use are
+    renumbered and a 152k-row output layer does not swamp the blocks being compared."""
+    renderer = Renderer(load_tokenizer("qwen").tokenizer, THINK)
+    rows, samples = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        data = synth.write(Path(folder) / "d.jsonl", count, seed=7, turns=3, scale=0.25)
+        for chat in read_jsonl(data, THINK):
+            layout = layout_conversation(chat, renderer, Rules(THINK, 1 << 30))
+            rows.append({
+                "input_ids": layout.input_ids, "labels": layout.labels, "position_ids": layout.position_ids,
+                "mask_spec": {"seg_lens": layout.seg_lens, "seg_parents": layout.seg_parents},
+            })
+            samples += [(s.input_ids, s.train_start) for s in renderer.samples(chat)]
+    used = np.unique(np.concatenate([row["input_ids"] for row in rows]))
+
+    def renumber(ids: np.ndarray) -> np.ndarray:
+        return np.where(ids == -100, -100, np.searchsorted(used, ids)).astype(np.int64)
+
+    for row in rows:
+        row["input_ids"], row["labels"] = renumber(row["input_ids"]), renumber(row["labels"])
+    return rows, [(renumber(ids), start) for ids, start in samples], len(used)
+
+
 def training_step(count: int, repeats: int) -> dict:
     """Forward + backward of a small random Qwen3 (CPU): one-pass rows through tree attention
     and through sdpa with a dense mask, vs the N-pass samples (sdpa, causal)."""
@@ -249,29 +274,9 @@ def training_step(count: int, repeats: int) -> dict:
     # one-pass row has its own length: left on, it times planning, not training (all arms).
     torch.backends.mkldnn.enabled = False
     torch.manual_seed(0)
-    renderer = Renderer(load_tokenizer("qwen").tokenizer, THINK)
-    rows, samples = [], []
-    with tempfile.TemporaryDirectory() as folder:
-        data = synth.write(Path(folder) / "d.jsonl", count, seed=7, turns=3, scale=0.25)
-        for chat in read_jsonl(data, THINK):
-            layout = layout_conversation(chat, renderer, Rules(THINK, 1 << 30))
-            rows.append({
-                "input_ids": layout.input_ids, "labels": layout.labels, "position_ids": layout.position_ids,
-                "mask_spec": {"seg_lens": layout.seg_lens, "seg_parents": layout.seg_parents},
-            })
-            samples += [(s.input_ids, s.train_start) for s in renderer.samples(chat)]
-    # A random model needs no real vocabulary: renumber the ids in use so that a 152k-row
-    # output layer does not swamp the transformer blocks being compared.
-    used = np.unique(np.concatenate([row["input_ids"] for row in rows]))
-
-    def renumber(ids: np.ndarray) -> np.ndarray:
-        return np.where(ids == -100, -100, np.searchsorted(used, ids)).astype(np.int64)
-
-    for row in rows:
-        row["input_ids"], row["labels"] = renumber(row["input_ids"]), renumber(row["labels"])
-    samples = [(renumber(ids), start) for ids, start in samples]
+    rows, samples, vocab = benchmark_chats(count)
     config = Qwen3Config(
-        vocab_size=len(used), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=32768,
         attn_implementation="sdpa",
     )
@@ -315,6 +320,58 @@ def training_step(count: int, repeats: int) -> dict:
         "time_dense_over_n_pass": dense,
         "target_ratio": tree / tokens,
         "target_ratio_dense": dense / tokens,
+    }
+
+
+def hybrid_step(count: int, repeats: int) -> dict:
+    """Forward + backward of a small random Qwen3.5-shaped hybrid (CPU; three Gated DeltaNet
+    layers, one full-attention layer): one-pass rows (sdpa, dense mask; the linear-attention
+    layers level by level of the tree, recurrent.py) vs the N-pass samples, on the chats of the
+    training step. Also the levels and kernel calls per row that the tree schedule costs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
+
+    from onepass_prep.torch import OnePassCollator, install_mask_hook
+    from onepass_prep.torch.recurrent import recurrent_plan
+
+    torch.backends.mkldnn.enabled = False
+    torch.manual_seed(0)
+    rows, samples, vocab = benchmark_chats(count)
+    config = Qwen3_5TextConfig(
+        vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=32, linear_num_key_heads=4,
+        linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    collate = OnePassCollator(pad_to_multiple_of=1)
+
+    def one_pass() -> None:
+        handle = install_mask_hook(model)
+        for row in rows:
+            model(**collate([row])).loss.backward()
+        handle.remove()
+
+    def n_pass() -> None:
+        for ids, start in samples:
+            labels = torch.as_tensor(ids, dtype=torch.long).clone()
+            labels[:start] = -100
+            model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None], labels=labels[None]).loss.backward()
+
+    best = {name: wall for name, (wall, _) in interleaved({"one_pass": one_pass, "n_pass": n_pass}, repeats).items()}
+    plans = [recurrent_plan(collate([row])["subtree_end"]) for row in rows]
+    tokens = sum(len(row["input_ids"]) for row in rows) / sum(len(ids) for ids, _ in samples)
+    time_ratio = best["one_pass"] / best["n_pass"]
+    return {
+        "conversations": count,
+        "samples": len(samples),
+        "seconds": best,
+        "tokens_one_pass_over_n_pass": tokens,
+        "time_one_pass_over_n_pass": time_ratio,
+        "time_ratio_over_tokens_ratio": time_ratio / tokens,
+        "levels_per_row": float(np.mean([p.levels for p in plans])),
+        "kernel_calls_per_row": float(np.mean([len(p.groups) for p in plans])),
     }
 
 
@@ -456,6 +513,9 @@ def main() -> None:
     if "training" in only:
         print("training step ...", flush=True)
         results["training_step"] = training_step(2 if quick else 6, repeats=1 if quick else 3)
+    if "hybrid" in only:
+        print("hybrid step ...", flush=True)
+        results["hybrid_step"] = hybrid_step(1 if quick else 6, repeats=1 if quick else 3)
     if "memory" in only:
         print("memory ...", flush=True)
         results["memory"] = memory([200, 400] if quick else [10_000, 100_000])
@@ -486,6 +546,9 @@ def report(results: dict) -> str:
         f"| training step time one-pass (tree attention) / N-pass | {t['time_tree_over_n_pass']:.2f} (tokens {t['tokens_one_pass_over_n_pass']:.2f}) | <= 1.15 x tokens ratio: {t['target_ratio']:.2f} |",
         f"| training step time one-pass (sdpa, dense mask) / N-pass | {t['time_dense_over_n_pass']:.2f} (tokens {t['tokens_one_pass_over_n_pass']:.2f}) | x tokens ratio: {t['target_ratio_dense']:.2f} |",
     ]
+    if "hybrid_step" in results:
+        h = results["hybrid_step"]
+        lines.append(f"| training step time one-pass / N-pass, Qwen3.5-shaped hybrid (Gated DeltaNet level by level, {h['levels_per_row']:.1f} levels and {h['kernel_calls_per_row']:.1f} kernel calls per chat) | {h['time_one_pass_over_n_pass']:.2f} (tokens {h['tokens_one_pass_over_n_pass']:.2f}) | x tokens ratio: {h['time_ratio_over_tokens_ratio']:.2f} |")
     for m in results["memory"]:
         lines.append(f"| convert peak RSS, {m['conversations']:,} chats ({m['input_mb']:.0f} MB in) | {m['peak_rss_mb']:.0f} MB | < 500 MB, flat |")
     if "hostile" in results:

@@ -22,6 +22,8 @@ def test_benchmark_quick_run_reports_every_section(tmp_path):
         assert row["n_pass_pairs_per_chat"] >= row["one_pass_pairs_per_chat"]
     training = results["training_step"]
     assert training["one_pass_tokens"] < training["n_pass_tokens"]
+    hybrid = results["hybrid_step"]
+    assert hybrid["tokens_one_pass_over_n_pass"] < 1 and hybrid["levels_per_row"] >= 2
     assert [m["conversations"] for m in results["memory"]] == [200, 400]
     assert results["hostile"]["rejected_by_kind"] == {"too-long": 1}
     assert set(results["rendering"]) == {"qwen3", "gpt-oss", "deepseek-v3.1"}

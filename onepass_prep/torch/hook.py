@@ -25,6 +25,7 @@ from .collate import STRUCTURE_KEY
 from .layers import LayerKind, check_layers, row_limit
 from .loss import UNITS_KEY, WEIGHTS_KEY, plain_token_mean
 from .masks import block_mask, bool_mask, float_mask, key_limits
+from .recurrent import RECURRENT_PLAN_KEY, handles, install_tree_recurrence, recurrent_plan
 from .tree_attention import PLAN_KEY, TREE_ATTENTION, register_tree_attention, tree_plan
 
 if TYPE_CHECKING:  # the hook serves transformers models; the runtime does not import it
@@ -76,7 +77,7 @@ def build_attention_mask(
     if chosen == "tree":
         raise ValueError(f"tree attention takes no mask: pass {PLAN_KEY}=tree_plan(subtree_end)")
     subtree_end = subtree_end.to(model.device, non_blocking=True)
-    by_type = {layer.layer_type: layer for layer in layers}
+    by_type = {layer.layer_type: layer for layer in layers if layer.attention != "recurrent"}
     built: dict[tuple, Mask] = {}
     masks: dict[str | None, Mask] = {}
     for layer_type, layer in by_type.items():
@@ -164,6 +165,9 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
         register_tree_attention()
         model.set_attn_implementation(TREE_ATTENTION)
     _kind_for(model, kind)  # fail at install time on an impossible combination
+    recurrent = handles(model)
+    if recurrent:  # linear-attention layers: each segment from its parent's state (recurrent.py)
+        install_tree_recurrence(model)
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if STRUCTURE_KEY not in kwargs:
@@ -179,6 +183,8 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
             raise ValueError(f"rows of {kwargs[STRUCTURE_KEY].shape[-1]} tokens: {longest[1]}")
         _check_loss_columns(kwargs.pop(WEIGHTS_KEY, None), kwargs.pop(UNITS_KEY, None))
         structure = kwargs.pop(STRUCTURE_KEY)
+        if recurrent:
+            kwargs[RECURRENT_PLAN_KEY] = recurrent_plan(structure, model.device)
         kwargs.update(_structure_inputs(model, structure, kwargs["position_ids"], kind, layers))
         return args, kwargs
 

@@ -6,7 +6,9 @@ attention whose mask says who sees whom: full attention (the tree rule), a slidi
 ``p[q] // C == p[kv] // C``), with ``p`` the row's ``position_ids``. A layer that reads the row
 in order (linear attention, a state-space scan, a short convolution) carries its state from
 one branch into its sibling, and no mask can stop that: such models are refused here, in
-``check_layers``, the one place that raises.
+``check_layers``, the one place that raises. The exception is a Gated DeltaNet layer that
+recurrent.py knows (Qwen3.5, Qwen3-Next): it runs each segment from its parent's final
+state instead of reading the row in order, so it is exact too (kind ``recurrent``).
 
 The verdict comes from the config (``layer_types`` and the window and chunk fields, what
 transformers' own mask functions read) and from the layers' modules (Falcon-H1's config
@@ -23,10 +25,13 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
+from .recurrent import RECURRENT_LAYER_TYPES, handles
+
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
-Attention = Literal["full", "sliding", "chunked"]
+# "recurrent": a linear-attention layer that recurrent.py runs from each segment's parent state.
+Attention = Literal["full", "sliding", "chunked", "recurrent"]
 
 _ATTENTION_TYPES: dict[str, Attention] = {
     "full_attention": "full",
@@ -67,6 +72,8 @@ class LayerKind:
             return f"chunks of {self.chunk}"
         if self.attention == "full":
             return "full attention"
+        if self.attention == "recurrent":
+            return "linear attention, each segment from its parent's state"
         return f"{self.layer_type or 'a layer'} ({self.refusal})"
 
 
@@ -85,6 +92,11 @@ def layer_kinds(model: PreTrainedModel) -> list[LayerKind]:
         mixer = _ordered_mixer(layer)
         if mixer:
             kinds[i] = LayerKind(kinds[i].layer_type, None, refusal=f"runs {mixer}, which reads the row in order")
+    if handles(model):  # Gated DeltaNet layers that recurrent.py hands their parent's state
+        kinds = [
+            LayerKind(k.layer_type, "recurrent") if k.layer_type in RECURRENT_LAYER_TYPES else k
+            for k in kinds
+        ]
     return kinds
 
 

@@ -234,11 +234,6 @@ def test_windowed_masks_are_built_once_per_layer_type(monkeypatch: pytest.Monkey
 
 
 HYBRIDS: dict[str, tuple[Callable[[], T.PreTrainedConfig], str]] = {
-    "qwen3_next": (lambda: T.Qwen3NextConfig(
-        **FOUR, **MOE, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
-        linear_value_head_dim=8, shared_expert_intermediate_size=32,
-    ), "Qwen3NextForCausalLM cannot train on tree rows exactly: layers linear_attention (runs "
-       "Qwen3NextGatedDeltaNet, which reads the row in order)"),
     "lfm2": (lambda: T.Lfm2Config(**{k: v for k, v in FOUR.items() if k != "head_dim"}, full_attn_idxs=[1, 3]),
              "Lfm2ForCausalLM cannot train on tree rows exactly: layers conv (runs Lfm2ShortConv, "
              "which reads the row in order)"),
@@ -274,6 +269,18 @@ def test_hybrid_models_are_refused_at_install(name: str) -> None:
         install_mask_hook(model)
     assert str(refused.value) == message + REASON
     assert not model._forward_pre_hooks
+
+
+def test_gated_deltanet_hybrids_pass_the_install_check() -> None:
+    """Qwen3-Next's linear-attention layers are the one recurrent kind recurrent.py makes exact
+    (tests/torch/test_torch_hybrid.py compares them with N passes); the check lets them in."""
+    model = T.AutoModelForCausalLM.from_config(T.Qwen3NextConfig(
+        **FOUR, **MOE, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, shared_expert_intermediate_size=32,
+    ))
+    install_mask_hook(model)
+    kinds = {(kind.layer_type, kind.attention) for kind in check_layers(model)}
+    assert kinds == {("linear_attention", "recurrent"), ("full_attention", "full")}
 
 
 def test_a_state_space_mixer_is_refused_even_where_the_config_says_attention(
