@@ -43,6 +43,10 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
         pa.array([row.n_pass_tokens for row in rows], pa.int64()),
         _lists([row.loss_weights for row in rows], np.float32),
         pa.array([row.loss_units for row in rows], pa.int32()),
+        pa.ListArray.from_arrays(
+            pa.array(np.cumsum([0] + [len(row.conversation_segments) for row in rows]), pa.int32()),
+            _lists([owned for row in rows for owned in row.conversation_segments]),
+        ),
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 

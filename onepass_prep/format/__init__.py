@@ -1,4 +1,4 @@
-"""Output format v2 (and reading v1) in code: the one home of docs/FORMAT.md's rules, shared by the
+"""Output format v3 (and reading v1 and v2) in code: the one home of docs/FORMAT.md's rules, shared by the
 converter's writer, the inspect/stats/verify readers and the torch runtime.
 
 Imports numpy and pyarrow only (no torch, no transformers).
@@ -15,6 +15,7 @@ from onepass_prep.format.files import (
     REJECTED,
     SCHEMA,
     SCHEMA_V1,
+    SCHEMA_V2,
     TRAIN_ON,
     FormatError,
     Source,
@@ -41,6 +42,7 @@ __all__ = [
     "REJECTED",
     "SCHEMA",
     "SCHEMA_V1",
+    "SCHEMA_V2",
     "TRAIN_ON",
     "FormatError",
     "Source",

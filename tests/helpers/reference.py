@@ -302,3 +302,13 @@ def assert_losses_match(model, rows: list[dict], samples: list[tuple[list[int], 
     assert got.keys() == expected.keys()
     for key, losses in expected.items():
         np.testing.assert_allclose(sorted(got[key]), sorted(losses), rtol=0, atol=1e-5)
+
+
+def weight_totals(pairs: Counter) -> dict[tuple, float]:
+    """(context, target) -> its loss weight summed over every time it is trained, from a
+    (context, target, weight) multiset: the objective, whether a pair shared by several
+    samples is trained once per sample or once with their weights added."""
+    totals: dict[tuple, float] = defaultdict(float)
+    for (context, target, weight), count in pairs.items():
+        totals[(context, target)] += weight * count
+    return dict(totals)

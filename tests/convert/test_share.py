@@ -1,0 +1,155 @@
+"""Conversations that share a prefix share a tree (docs/FORMAT.md, "Shared prefixes"):
+through the CLI, on generated data of the three shapes (agent traces with one long system
+prompt and tool list, several responses per prompt, branching conversations), every
+trained (context, token) pair carries the total weight the N-pass expansion of every
+conversation gives it, under every normalization and --train-on; a tiny model's loss and
+gradients are the N-pass objective's; --no-share-prefixes keeps a tree per conversation.
+
+Expected values come from tests/helpers/reference.py (apply_chat_template, the FORMAT.md
+table), never from the converter."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import synth
+import torch
+from helpers.reference import (
+    contract_samples,
+    message_weights,
+    one_pass_pairs,
+    reference_tokenizer,
+    tiny_qwen3,
+    weight_totals,
+    weighted_pairs,
+)
+from helpers.runs import cli, converted, rows
+from helpers.torch_models import gradients, n_pass_objective
+
+from onepass_prep.torch import OnePassCollator, forward_loss, install_mask_hook, step_denominator
+
+CHOICES = [{}, {}, {"weight": 0}, {"loss_weight": 0.5}, {"weight": 2.5}]
+MAX_LEN = "2048"  # small enough that the agent conversations need two trees
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    """The three shapes in one input, assistant messages given seeded weights."""
+    rng = random.Random(3)
+    records = json.loads(json.dumps([  # a copy each: conversations of a shape share message dicts
+        *synth.agent(8, seed=1, shared_tokens=600, scale=0.5),
+        *synth.responses(10, seed=2, scale=0.2),
+        *synth.branching(9, seed=3, scale=0.2),
+    ]))
+    for record in records:
+        for message in record["messages"]:
+            if message["role"] == "assistant":
+                message.update(rng.choice(CHOICES))
+        if message_weights(record)[-1] == 0:  # the last turn trains: --train-on last rejects nothing
+            record["messages"][-1]["weight"] = 1
+    path = tmp_path_factory.mktemp("shapes") / "shapes.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return records, path
+
+
+@pytest.fixture(scope="module")
+def oracle(shapes) -> dict[str, list[tuple[list[int], int]]]:
+    tokenizer = reference_tokenizer()
+    return {record["id"]: contract_samples(record, tokenizer, "reasoning_content") for record in shapes[0]}
+
+
+def expected_totals(records, samples, normalization, train_on) -> tuple[dict, dict]:
+    """(context, token) -> total loss weight over every conversation, and units per id."""
+    pairs, units = Counter(), {}
+    for record in records:
+        found, units[record["id"]] = weighted_pairs(
+            samples[record["id"]], message_weights(record, train_on), normalization
+        )
+        pairs += found
+    return weight_totals(pairs), units
+
+
+def row_totals(found: list[dict]) -> dict:
+    return weight_totals(sum((one_pass_pairs(row, with_weight=True) for row in found), Counter()))
+
+
+@pytest.mark.parametrize("train_on", ["all", "last"])
+@pytest.mark.parametrize("normalization", ["token", "turn", "conversation"])
+def test_shared_trees_train_every_pair_with_its_total_weight(normalization, train_on, shapes, oracle):
+    records, source = shapes
+    out = converted(f"share-{normalization}-{train_on}", "--max-seq-len", MAX_LEN,
+                    "--loss-normalization", normalization, "--train-on", train_on, source=source)
+    expected, units = expected_totals(records, oracle, normalization, train_on)
+    found = rows(out)
+    got = row_totals(found)
+    assert got.keys() == expected.keys()
+    for pair, weight in expected.items():
+        assert got[pair] == pytest.approx(weight, rel=1e-5)
+    for row in found:
+        assert row["loss_units"] == sum(units[i] for i in row["conversation_ids"])
+    assert sorted(i for row in found for i in row["conversation_ids"]) == sorted(r["id"] for r in records)
+    assert (out / "rejected.jsonl").read_text() == ""
+    assert cli("verify", out, "--input", source).exit_code == 0
+
+    # Sharing happened, on each shape, and the agent prefix was cut into two trees.
+    shared_trees = Counter()
+    for row in found:
+        roots = [s for s, parent in enumerate(row["mask_spec"]["seg_parents"]) if parent == -1]
+        for root in roots:
+            owners = [i for i, owned in zip(row["conversation_ids"], row["conversation_segments"], strict=True)
+                      if root in owned]
+            if len(owners) > 1:
+                shared_trees[owners[0].split("-")[0]] += 1
+    assert shared_trees["agent"] == 2 and shared_trees["response"] >= 2 and shared_trees["branch"] >= 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens"]["one_pass"] < 0.7 * manifest["tokens"]["unshared"]
+    assert manifest["tokens"]["one_pass"] == sum(row["num_tokens"] for row in found)
+
+
+def test_no_share_prefixes_keeps_a_tree_per_conversation(shapes):
+    _, source = shapes
+    out = converted("share-off", "--max-seq-len", MAX_LEN, "--no-share-prefixes", source=source)
+    shared = converted("share-token-all", "--max-seq-len", MAX_LEN, source=source)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for row in rows(out):
+        roots = [s for s, parent in enumerate(row["mask_spec"]["seg_parents"]) if parent == -1]
+        assert len(roots) == len(row["conversation_ids"])
+        ends = roots[1:] + [len(row["mask_spec"]["seg_lens"])]
+        assert row["conversation_segments"] == [list(range(a, b)) for a, b in zip(roots, ends, strict=True)]
+    assert manifest["tokens"]["one_pass"] == manifest["tokens"]["unshared"]
+    assert manifest["options"]["share_prefixes"] is False
+    # the same conversations laid out one tree each, whether or not the run shares
+    assert manifest["tokens"]["unshared"] == json.loads((shared / "manifest.json").read_text())["tokens"]["unshared"]
+
+
+@pytest.mark.parametrize("normalization", ["token", "conversation"])
+def test_tiny_model_loss_and_gradients_equal_the_n_pass_objective(normalization, shapes, oracle):
+    """Every row of the run in one optimizer step (tiny random Qwen3, float32, sdpa): the
+    one-pass loss and its gradients equal N separate passes averaged as the rule says."""
+    records, source = shapes
+    out = converted(f"share-{normalization}-all", "--max-seq-len", MAX_LEN,
+                    "--loss-normalization", normalization, "--train-on", "all", source=source)
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    batches = [OnePassCollator(pad_to_multiple_of=8)([row]) for row in table.to_pylist()]
+    model = tiny_qwen3()
+    model.train()  # no dropout in Qwen3; gradients flow
+    handle = install_mask_hook(model)
+    denominator = step_denominator(batches)
+    one = sum(forward_loss(model, batch, denominator)[0] for batch in batches)
+    one_grads = gradients(model, one)
+    handle.remove()
+    chats = [oracle[r["id"]] for r in records]
+    weights = [message_weights(r) for r in records]
+    reference = n_pass_objective(model, chats, weights, normalization)
+    reference_grads = gradients(model, reference)
+    torch.testing.assert_close(one.double(), reference, rtol=1e-5, atol=0)
+    for name, grad in reference_grads.items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(one_grads[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    assert np.isfinite(float(one))
