@@ -52,6 +52,12 @@ class Layout:
     loss_units: int
     conversation_segments: list[np.ndarray]  # per conversation of the tree, the segments it uses
     unshared_tokens: int  # its conversations' tokens, were each laid out as a tree of its own
+    # Per trained sample: the index of its last token in the row, its first trained
+    # position and its message weight; with the tree, they give back every sample's tokens
+    # (share.py rebuilds samples from them rather than holding N-pass tokens).
+    sample_ends: np.ndarray  # int64
+    sample_train_starts: np.ndarray  # int64
+    sample_weights: np.ndarray  # float64
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -190,6 +196,8 @@ class PrefixTree:
         seg_lens: list[int] = []
         seg_parents: list[int] = []
         segment_of: dict[int, int] = {}  # id(node) -> its segment
+        row_index: dict[int, int] = {}  # id(node) -> the index of its first token in the row
+        length = 0
         # Depth-first pre-order; the labelled child goes first so it follows its parent.
         stack: list[tuple[Node, int]] = [
             (child, -1) for child in reversed(self._ordered_children(self.root))
@@ -201,6 +209,8 @@ class PrefixTree:
             seg_parents.append(parent_segment)
             while True:
                 segment_of[id(node)] = segment
+                row_index[id(node)] = length
+                length += node.end - node.start
                 tokens = self._tokens(node)[node.start : node.end]
                 ids.append(tokens)
                 positions.append(np.arange(node.start, node.end, dtype=np.int32))
@@ -214,6 +224,8 @@ class PrefixTree:
             for child in reversed(self._ordered_children(node)):
                 stack.append((child, segment))
         n_pass = sum(len(sample.input_ids) for sample in self.samples if sample.is_trained)
+        trained = sorted(self.ends)
+        ends = [row_index[id(self.ends[s])] + self.ends[s].end - 1 - self.ends[s].start for s in trained]
         return Layout(
             np.concatenate(ids).astype(np.int32),
             np.concatenate(positions),
@@ -225,6 +237,9 @@ class PrefixTree:
             self.units,
             self._conversation_segments(segment_of, seg_parents),
             sum(seg_lens),  # share.py sets it for a tree of several conversations
+            np.asarray(ends, np.int64),
+            np.asarray([self.samples[s].train_start for s in trained], np.int64),
+            np.asarray([self.samples[s].weight for s in trained], np.float64),
         )
 
     def _conversation_segments(self, segment_of: dict[int, int], seg_parents: list[int]) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from onepass_prep.convert.pack import pack
 from onepass_prep.convert.records import BadRecord, Conversation, Rejection, parse_line
 from onepass_prep.convert.render import Rendered, Renderer, Sample
 from onepass_prep.convert.shards import write_shard
-from onepass_prep.convert.share import Shareable, shared_trees
+from onepass_prep.convert.share import shared_trees
 from onepass_prep.convert.sources import Source
 from onepass_prep.convert.tokenizer import load_tokenizer
 from onepass_prep.convert.tree import Layout, layout_samples
@@ -36,7 +36,6 @@ class Converted:
     line: int
     reasoning_turns: int  # trained turns that were given reasoning
     reasoning_dropped: int  # of those, turns whose trained tokens lack it (the template drops it)
-    samples: list[Sample] | None = None  # kept when conversations may share a tree
 
 
 Line = tuple[str, int, bytes]  # (source file, line number, raw bytes)
@@ -112,7 +111,6 @@ def finish_lines(parsed: Parsed, rendered: list[Rendered], renderer: Renderer, r
                     record.id, layout, record.source, record.line,
                     reasoning_turns=len(audit) - audit.count("none"),
                     reasoning_dropped=audit.count("dropped"),
-                    samples=found if rules.share_prefixes else None,
                 )
             )
         except BadRecord as error:
@@ -202,8 +200,7 @@ def finish_chunk(
     the same bytes wherever it runs."""
     converted = [result for result in results if isinstance(result, Converted)]
     if rules.share_prefixes:
-        shareable = [Shareable(c.id, c.samples or [], c.layout) for c in converted]
-        trees = shared_trees(shareable, rules.max_seq_len, rules.normalization)
+        trees = shared_trees([(c.id, c.layout) for c in converted], rules.max_seq_len, rules.normalization)
     else:
         trees = [([result.id], result.layout) for result in converted]
     rows = pack(trees, rules.max_seq_len, packed)

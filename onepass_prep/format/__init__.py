@@ -29,7 +29,12 @@ from onepass_prep.format.files import (
     shard_name,
 )
 from onepass_prep.format.rows import list_columns, list_parts, validate_batch, with_loss_columns
-from onepass_prep.format.structure import subtree_last, token_parents, token_subtree_end
+from onepass_prep.format.structure import (
+    root_segments,
+    subtree_last,
+    token_parents,
+    token_subtree_end,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -55,6 +60,7 @@ __all__ = [
     "read_manifest",
     "read_row_group",
     "resolve_shards",
+    "root_segments",
     "shard_name",
     "subtree_last",
     "token_parents",
