@@ -41,10 +41,10 @@ THRESHOLDS = [1, 16, 64, 256, 1024]
 def datasets(folder: Path, quick: bool) -> dict[str, Path]:
     scale = 0.1 if quick else 1
     return {
-        "agent (4k shared)": synth.write_shape(folder / "agent.jsonl", "agent", int(384 * scale) or 8, seed=1),
-        "responses (4-8 per prompt)": synth.write_shape(folder / "responses.jsonl", "responses", int(512 * scale) or 8, seed=2),
-        "branching": synth.write_shape(folder / "branching.jsonl", "branching", int(512 * scale) or 8, seed=3),
-        "conversion benchmark data": synth.write(folder / "bench.jsonl", 60 if quick else 600, seed=1),
+        "agent (4k shared)": synth.write_shape(folder / "agent.jsonl", "agent", int(256 * scale), seed=1),
+        "responses (4-8 per prompt)": synth.write_shape(folder / "responses.jsonl", "responses", int(384 * scale), seed=2),
+        "branching": synth.write_shape(folder / "branching.jsonl", "branching", int(384 * scale), seed=3),
+        "conversion benchmark data": synth.write(folder / "bench.jsonl", int(300 * scale), seed=1),
     }
 
 

@@ -168,3 +168,19 @@ def write_shape(path: Path, shape: str, count: int, seed: int = 0, **options: fl
         for record in SHAPES[shape](count, seed, **options):  # type: ignore[operator]
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def write_mixed(path: Path, count: int, seed: int = 0, turns: int | None = None, scale: float = 1.0) -> Path:
+    """`count` records: the chats of `conversations` taking turns with records of the three
+    shapes above (a third each, in runs), so that any few dozen consecutive records hold
+    conversations that share prefixes."""
+    plain = conversations(count - count // 2, seed, turns, scale)
+    third = -(-(count // 2) // 3)
+    shaped = [*agent(third, seed, shared_tokens=400 * scale / 0.1, scale=scale * 5),
+              *responses(third, seed, scale=scale), *branching(third, seed, scale=scale)][: count // 2]
+    with open(path, "w", encoding="utf-8") as handle:
+        for index, record in enumerate(plain):
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if index < len(shaped):
+                handle.write(json.dumps(shaped[index], ensure_ascii=False) + "\n")
+    return path

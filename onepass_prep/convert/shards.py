@@ -65,7 +65,8 @@ def write_shard(out_dir: Path, index: int, rows: list[Row]) -> dict:
         os.replace(temporary, out_dir / name)
     finally:
         temporary.unlink(missing_ok=True)
-    return {"file": name, "rows": len(rows), "tokens": sum(len(row) for row in rows)}
+    return {"file": name, "rows": len(rows), "tokens": sum(len(row) for row in rows),
+            "unshared": sum(row.unshared_tokens for row in rows)}
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
