@@ -1,6 +1,6 @@
 """The conversion pipeline: JSONL -> canonical chats -> N-pass samples -> prefix tree ->
-rows -> packed rows -> Parquet shards. Each step lives in its own module; this one only
-wires them together and keeps the counts."""
+trees shared by conversations with a common prefix -> packed rows -> Parquet shards. Each
+step lives in its own module; this one only wires them together and keeps the counts."""
 
 from __future__ import annotations
 
