@@ -84,31 +84,32 @@ def _fitted(
     conversation's input index."""
     if len(group) == 1:
         return [(group[0], ([conversations[group[0]][0]], conversations[group[0]][1]))]
-    samples = {index: samples_of(conversations[index][1]) for index in group}
     trees: list[tuple[int, Tree]] = []
     members: list[int] = []
     tree = PrefixTree(merge_trained)
     for index in group:
-        tree.add(samples[index], normalization)
+        # Samples are read back when inserted (and again on a rebuild), so only the
+        # current tree's samples are held, not the group's.
+        tree.add(samples_of(conversations[index][1]), normalization)
         if tree.tokens > max_len and members:  # this one starts the next tree
-            trees.append(_built(members, conversations, samples, normalization, merge_trained))
+            trees.append(_built(members, conversations, normalization, merge_trained))
             members, tree = [], PrefixTree(merge_trained)
-            tree.add(samples[index], normalization)
+            tree.add(samples_of(conversations[index][1]), normalization)
         members.append(index)
-    trees.append(_built(members, conversations, samples, normalization, merge_trained, tree))
+    trees.append(_built(members, conversations, normalization, merge_trained, tree))
     return trees
 
 
 def _built(
-    members: list[int], conversations: list[tuple[str, Layout]], samples: dict[int, list[Sample]],
-    normalization: Normalization, merge_trained: bool, tree: PrefixTree | None = None,
+    members: list[int], conversations: list[tuple[str, Layout]], normalization: Normalization,
+    merge_trained: bool, tree: PrefixTree | None = None,
 ) -> tuple[int, Tree]:
     if len(members) == 1:
         return members[0], ([conversations[members[0]][0]], conversations[members[0]][1])
     if tree is None:
         tree = PrefixTree(merge_trained)
         for index in members:
-            tree.add(samples[index], normalization)
+            tree.add(samples_of(conversations[index][1]), normalization)
     layout = tree.layout()
     layout.unshared_tokens = sum(len(conversations[index][1]) for index in members)
     return min(members), ([conversations[index][0] for index in members], layout)
