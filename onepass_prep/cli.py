@@ -74,6 +74,7 @@ def convert_command(
     train_on: str = typer.Option("all", metavar="|".join(TRAIN_ON), callback=_one_of(TRAIN_ON), help="Train every assistant message ('all', each as given weights say) or only each conversation's last one."),
     loss_normalization: str = typer.Option("token", metavar="|".join(NORMALIZATIONS), callback=_one_of(NORMALIZATIONS), help="Average the loss over trained tokens, over turns (each N-pass sample's token mean) or over conversations."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack several conversations into a row."),
+    share_prefixes: bool = typer.Option(True, "--share-prefixes/--no-share-prefixes", help="Conversations of a shard that share a prefix (a system prompt and tools, a prompt with several responses, common first turns) share one tree, the prefix forwarded once."),
     records_per_shard: int = typer.Option(4096, min=1, metavar="N", help="Input records per shard: each shard packs the conversations of N consecutive records, so the output does not depend on how the work is spread."),
     num_proc: int = typer.Option(1, min=1, metavar="N", help="Worker processes (Ray workers with --engine ray); the output does not depend on it."),
     engine: str = typer.Option("local", metavar="local|ray", callback=_one_of(("local", "ray")), help="Where the work runs: this machine's processes, or a Ray cluster (pip install 'onepass-prep[ray]'); the output is the same."),
@@ -99,6 +100,7 @@ def convert_command(
         train_on=train_on,
         loss_normalization=loss_normalization,
         pack=pack,
+        share_prefixes=share_prefixes,
         records_per_shard=records_per_shard,
         num_proc=num_proc,
         engine=engine,
@@ -182,6 +184,8 @@ def summary_table(summary: ConvertSummary, out_dir: Path, packed: bool) -> Table
     table.add_row("tokens one-pass", f"{summary.one_pass_tokens:,}")
     table.add_row("tokens N-pass", f"{summary.n_pass_tokens:,}")
     table.add_row("saving", f"{summary.token_saving:.1%}")
+    table.add_row("  by the one-pass layout", f"{1 - summary.unshared_tokens / summary.n_pass_tokens:.1%}" if summary.n_pass_tokens else "0.0%")
+    table.add_row("  by sharing prefixes", f"{summary.sharing_saving:.1%}")
     table.add_row("trained tokens", f"{summary.trained_tokens:,}")
     # Without packing a row is one conversation: its share of --max-seq-len says nothing.
     table.add_row("fill rate", f"{summary.fill_rate:.1%}" if packed else "n/a (--no-pack)")
@@ -310,7 +314,7 @@ def verify_command(
     if report.model_check:
         out.print(f"model check: {report.model_check}")
     if report.ok:
-        out.print("[green]OK[/green]: every trained pair appears exactly once, nothing else is labelled")
+        out.print("[green]OK[/green]: every trained pair appears with its total loss weight, nothing else is labelled")
         return
     out.print(f"[red]MISMATCH[/red]: {report.problem_count:,} problems; shown: {len(report.problems)}")
     for problem in report.problems:

@@ -31,16 +31,22 @@ class Row:
     num_trained: int  # labels that are not -100
     loss_weights: np.ndarray
     loss_units: int
+    conversation_segments: list[np.ndarray]  # per conversation id, the segments it uses
+    unshared_tokens: int  # the tokens of its conversations laid out one tree each
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def join(items: list[tuple[str, Layout]]) -> Row:
+Tree = tuple[list[str], Layout]  # a tree and the ids of the conversations it holds
+
+
+def join(items: list[Tree]) -> Row:
     """Put trees one after another; each keeps its own roots, parents shift by offset."""
-    parents, offset = [], 0
+    parents, segments, offset = [], [], 0
     for _, layout in items:
         parents.append(np.where(layout.seg_parents < 0, -1, layout.seg_parents + offset))
+        segments += [owned + offset for owned in layout.conversation_segments]
         offset += len(layout.seg_lens)
     layouts = [layout for _, layout in items]
     labels = np.concatenate([layout.labels for layout in layouts])
@@ -50,11 +56,13 @@ def join(items: list[tuple[str, Layout]]) -> Row:
         labels,
         np.concatenate([layout.seg_lens for layout in layouts]),
         np.concatenate(parents).astype(np.int32),
-        [conversation_id for conversation_id, _ in items],
+        [conversation_id for ids, _ in items for conversation_id in ids],
         sum(layout.n_pass_tokens for layout in layouts),
         int(np.count_nonzero(labels != IGNORE_INDEX)),
         np.concatenate([layout.loss_weights for layout in layouts]),
         sum(layout.loss_units for layout in layouts),
+        segments,
+        sum(layout.unshared_tokens for layout in layouts),
     )
 
 
@@ -75,8 +83,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(items: list[tuple[str, Layout]], max_len: int, enabled: bool = True) -> list[Row]:
-    """Rows in a deterministic order; with `enabled` False, one row per conversation."""
+def pack(items: list[Tree], max_len: int, enabled: bool = True) -> list[Row]:
+    """Rows in a deterministic order; with `enabled` False, one row per tree."""
     if not enabled:
         return [join([item]) for item in items]
     bins = best_fit_decreasing([len(layout) for _, layout in items], max_len)

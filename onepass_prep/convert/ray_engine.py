@@ -35,7 +35,7 @@ class ChunkConverter:
         # the local engine's one-process pipeline: render a batch while the last one tokenizes
         work = ordered_results(iter(chunk.batches), self.renderer, self.model, self.rules, 1)
         results = [result for _, found in work for result in found]
-        return finish_chunk(chunk, results, self.out_dir, self.rules.max_seq_len, self.packed)
+        return finish_chunk(chunk, results, self.out_dir, self.rules, self.packed)
 
 
 def ray_chunk_results(

@@ -1,6 +1,6 @@
 """The conversion pipeline: JSONL -> canonical chats -> N-pass samples -> prefix tree ->
-rows -> packed rows -> Parquet shards. Each step lives in its own module; this one only
-wires them together and keeps the counts."""
+trees shared by conversations with a common prefix -> packed rows -> Parquet shards. Each
+step lives in its own module; this one only wires them together and keeps the counts."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class ConvertOptions:
     train_on: str = "all"  # or "last"
     loss_normalization: str = "token"  # or "turn", "conversation" (docs/FORMAT.md, "Loss")
     pack: bool = True
+    share_prefixes: bool = True  # conversations that share a prefix share a tree (docs/FORMAT.md)
     records_per_shard: int = 4096  # input records per chunk: the unit of packing and of shards
     num_proc: int = 1  # worker processes, or Ray workers with engine "ray"
     engine: str = "local"  # or "ray" (docs/scaling.md)
@@ -53,6 +54,7 @@ class ConvertSummary:
     rows: int = 0
     shards: int = 0
     one_pass_tokens: int = 0
+    unshared_tokens: int = 0  # one-pass tokens had each conversation kept a tree of its own
     n_pass_tokens: int = 0
     trained_tokens: int = 0
     reasoning_turns: int = 0  # trained turns given reasoning
@@ -67,6 +69,11 @@ class ConvertSummary:
     def token_saving(self) -> float:
         """Fraction of N-pass tokens the one-pass rows do not spend."""
         return 1 - self.one_pass_tokens / self.n_pass_tokens if self.n_pass_tokens else 0.0
+
+    @property
+    def sharing_saving(self) -> float:
+        """Fraction of the one-pass layout's tokens that sharing prefixes saves on top."""
+        return 1 - self.one_pass_tokens / self.unshared_tokens if self.unshared_tokens else 0.0
 
     @property
     def fill_rate(self) -> float:
@@ -152,6 +159,7 @@ def _convert(
     rules = Rules(
         options.think_tags, options.max_seq_len, options.train_on,
         options.loss_normalization,  # type: ignore[arg-type]  # checked in convert()
+        options.share_prefixes,
     )
     where = {file.name: str(file.files[0]) if len(file.files) == 1 else file.name for file in files}
     sizes = [file.size for file in files]
@@ -163,7 +171,7 @@ def _convert(
         )
     else:
         results = (
-            finish_chunk(chunk, found, out_dir, options.max_seq_len, options.pack)
+            finish_chunk(chunk, found, out_dir, rules, options.pack)
             for chunk, found in chunk_results(chunks, renderer, options.model, rules, options.num_proc)
         )
     with open(out_dir / REJECTED, "ab") as rejected:
@@ -186,8 +194,8 @@ def _convert(
 
 
 COUNTED = (
-    "read", "written", "rejected", "rows", "one_pass_tokens", "n_pass_tokens", "trained_tokens",
-    "reasoning_turns", "reasoning_dropped", "tool_call_turns", "tool_calls_dropped",
+    "read", "written", "rejected", "rows", "one_pass_tokens", "unshared_tokens", "n_pass_tokens",
+    "trained_tokens", "reasoning_turns", "reasoning_dropped", "tool_call_turns", "tool_calls_dropped",
 )
 
 
@@ -249,6 +257,7 @@ def _manifest(
         },
         "tokens": {
             "one_pass": summary.one_pass_tokens,
+            "unshared": summary.unshared_tokens,
             "n_pass": summary.n_pass_tokens,
             "trained": summary.trained_tokens,
         },

@@ -43,6 +43,10 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
         pa.array([row.n_pass_tokens for row in rows], pa.int64()),
         _lists([row.loss_weights for row in rows], np.float32),
         pa.array([row.loss_units for row in rows], pa.int32()),
+        pa.ListArray.from_arrays(
+            pa.array(np.cumsum([0] + [len(row.conversation_segments) for row in rows]), pa.int32()),
+            _lists([owned for row in rows for owned in row.conversation_segments]),
+        ),
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
@@ -61,7 +65,8 @@ def write_shard(out_dir: Path, index: int, rows: list[Row]) -> dict:
         os.replace(temporary, out_dir / name)
     finally:
         temporary.unlink(missing_ok=True)
-    return {"file": name, "rows": len(rows), "tokens": sum(len(row) for row in rows)}
+    return {"file": name, "rows": len(rows), "tokens": sum(len(row) for row in rows),
+            "unshared": sum(row.unshared_tokens for row in rows)}
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:

@@ -19,6 +19,7 @@ from onepass_prep.convert.pack import pack
 from onepass_prep.convert.records import BadRecord, Conversation, Rejection, parse_line
 from onepass_prep.convert.render import Rendered, Renderer, Sample
 from onepass_prep.convert.shards import write_shard
+from onepass_prep.convert.share import shared_trees
 from onepass_prep.convert.sources import Source
 from onepass_prep.convert.tokenizer import load_tokenizer
 from onepass_prep.convert.tree import Layout, layout_samples
@@ -50,6 +51,7 @@ class Rules:
     max_seq_len: int = 32768
     train_on: str = "all"  # or "last": only each conversation's final assistant message
     normalization: Normalization = "token"
+    share_prefixes: bool = True  # conversations of a chunk that share a prefix share a tree
 
 
 def layout_conversation(conversation: Conversation, renderer: Renderer, rules: Rules) -> Layout:
@@ -198,16 +200,22 @@ class ChunkResult:
 
 
 def finish_chunk(
-    chunk: Chunk, results: list[Converted | Rejection], out_dir: Path, max_seq_len: int, packed: bool
+    chunk: Chunk, results: list[Converted | Rejection], out_dir: Path, rules: Rules, packed: bool
 ) -> ChunkResult:
-    """Pack a chunk's conversations and write its shard: the same bytes wherever it runs."""
+    """Share prefixes among a chunk's conversations, pack them and write the chunk's shard:
+    the same bytes wherever it runs."""
     converted = [result for result in results if isinstance(result, Converted)]
-    rows = pack([(result.id, result.layout) for result in converted], max_seq_len, packed)
+    if rules.share_prefixes:
+        trees = shared_trees([(c.id, c.layout) for c in converted], rules.max_seq_len, rules.normalization)
+    else:
+        trees = [([result.id], result.layout) for result in converted]
+    rows = pack(trees, rules.max_seq_len, packed)
     rejections = [result for result in results if isinstance(result, Rejection)]
     counts = {
         "read": len(results), "written": len(converted), "rejected": len(rejections),
         "rejected_by_kind": dict(Counter(rejection.kind for rejection in rejections)),
         "rows": len(rows), "one_pass_tokens": sum(len(row) for row in rows),
+        "unshared_tokens": sum(row.unshared_tokens for row in rows),
         "n_pass_tokens": sum(row.n_pass_tokens for row in rows),
         "trained_tokens": sum(row.num_trained for row in rows),
         "reasoning_turns": sum(result.reasoning_turns for result in converted),

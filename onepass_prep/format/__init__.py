@@ -1,4 +1,4 @@
-"""Output format v2 (and reading v1) in code: the one home of docs/FORMAT.md's rules, shared by the
+"""Output format v3 (and reading v1 and v2) in code: the one home of docs/FORMAT.md's rules, shared by the
 converter's writer, the inspect/stats/verify readers and the torch runtime.
 
 Imports numpy and pyarrow only (no torch, no transformers).
@@ -15,6 +15,7 @@ from onepass_prep.format.files import (
     REJECTED,
     SCHEMA,
     SCHEMA_V1,
+    SCHEMA_V2,
     TRAIN_ON,
     FormatError,
     Source,
@@ -28,7 +29,12 @@ from onepass_prep.format.files import (
     shard_name,
 )
 from onepass_prep.format.rows import list_columns, list_parts, validate_batch, with_loss_columns
-from onepass_prep.format.structure import subtree_last, token_parents, token_subtree_end
+from onepass_prep.format.structure import (
+    root_segments,
+    subtree_last,
+    token_parents,
+    token_subtree_end,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -41,6 +47,7 @@ __all__ = [
     "REJECTED",
     "SCHEMA",
     "SCHEMA_V1",
+    "SCHEMA_V2",
     "TRAIN_ON",
     "FormatError",
     "Source",
@@ -53,6 +60,7 @@ __all__ = [
     "read_manifest",
     "read_row_group",
     "resolve_shards",
+    "root_segments",
     "shard_name",
     "subtree_last",
     "token_parents",

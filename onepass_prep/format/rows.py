@@ -116,6 +116,23 @@ class _Checker:
         self.fail_if(_any_per_row(not_preorder, seg_row, n), "segments not in depth-first pre-order")
 
         self.check_tokens(parts, seg_lens, global_parent, tok_off, n)
+        if "conversation_segments" in self.batch.schema.names:
+            self.check_owners(seg_off, n)
+
+    def check_owners(self, seg_off: np.ndarray, n: int) -> None:
+        """Each conversation id has its list of segments, each a segment of the row."""
+        owners = self.column("conversation_segments")
+        owners = owners.combine_chunks() if isinstance(owners, pa.ChunkedArray) else owners
+        if owners.null_count:
+            return  # written without it (a v2 row in a v3 table): readers derive it
+        names = self.column("conversation_ids")
+        names = names.combine_chunks() if isinstance(names, pa.ChunkedArray) else names
+        counts = np.diff(owners.offsets.to_numpy())
+        self.fail_if(counts != np.diff(names.offsets.to_numpy()), "len(conversation_segments) != len(conversation_ids)")
+        inner_off, segments = list_parts(owners.flatten())
+        segment_row = np.repeat(np.repeat(np.arange(n), counts), np.diff(inner_off))
+        bad = (segments < 0) | (segments >= np.diff(seg_off)[segment_row])
+        self.fail_if(_any_per_row(bad, segment_row, n), "a conversation_segments entry is not a segment of the row")
 
     def check_tokens(self, parts: dict, seg_lens: np.ndarray, global_parent: np.ndarray,
                      tok_off: np.ndarray, n: int) -> None:
@@ -153,7 +170,10 @@ class _Checker:
         good = np.isfinite(weights) & (weights > 0)
         self.fail_at_token(trained & ~good, tok_off, "loss weight not > 0 and finite at a trained token")
         units = self.column("loss_units").to_numpy()
-        self.fail_if((units < 0) | (units > trained_count), "loss_units not in [0, num_trained_tokens]")
+        # Conversations that share a tree (v3) share trained tokens, whose weights then sum:
+        # their units may pass the row's trained tokens.
+        shared = "conversation_segments" in self.batch.schema.names
+        self.fail_if((units < 0) | (~shared & (units > trained_count)), "loss_units not in [0, num_trained_tokens]")
         self.fail_if((units == 0) != (trained_count == 0), "loss_units is 0 but tokens are trained, or the reverse")
 
 

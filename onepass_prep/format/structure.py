@@ -50,3 +50,12 @@ def token_parents(seg_lens: np.ndarray, seg_parents: np.ndarray) -> np.ndarray:
     parents = np.arange(int(lens.sum()), dtype=np.int64) - 1
     parents[starts] = np.where(seg_parents >= 0, (starts + lens - 1)[np.maximum(seg_parents, 0)], -1)
     return parents
+
+
+def root_segments(seg_parents: np.ndarray) -> list[np.ndarray]:
+    """Per root (tree) of one row, its segments: the root and the run of segments up to the
+    next root (pre-order). What `conversation_segments` is when each tree holds one
+    conversation (format v1 and v2)."""
+    roots = np.flatnonzero(np.asarray(seg_parents) < 0)
+    ends = np.append(roots[1:], len(seg_parents))
+    return [np.arange(root, end, dtype=np.int32) for root, end in zip(roots, ends, strict=True)]

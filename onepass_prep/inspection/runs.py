@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from onepass_prep.format import (
     listed_shards,
     open_shard,
     read_manifest,
+    root_segments,
     token_parents,
     token_subtree_end,
     validate_batch,
@@ -78,6 +79,8 @@ class ShardRow:
     n_pass_tokens: int
     loss_weights: np.ndarray  # float32 per token (1 per trained token in a v1 run)
     loss_units: int
+    # per conversation id, the segments its samples use (v1, v2: its root's subtree)
+    conversation_segments: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -207,8 +210,15 @@ def _batch_rows(batch: pa.RecordBatch | pa.Table, file: Path, first: int, number
         if batch.column(name).null_count:
             raise FormatError(f"{file}: rows from {first}: {name} holds a null")
         scalars[name] = batch.column(name).to_pylist()
+    owners = None
+    if "conversation_segments" in batch.column_names and not batch.column("conversation_segments").null_count:
+        owners = batch.column("conversation_segments").to_pylist()
     for i in range(batch.num_rows):
         arrays = {name: values[off[i] : off[i + 1]] for name, (off, values) in parts.items()}
+        owned = (
+            [np.asarray(segments, np.int32) for segments in owners[i]] if owners
+            else root_segments(arrays["seg_parents"])
+        )
         yield ShardRow(
             file, first + i, number + i, **arrays,
             conversation_ids=scalars["conversation_ids"][i],
@@ -216,4 +226,5 @@ def _batch_rows(batch: pa.RecordBatch | pa.Table, file: Path, first: int, number
             num_trained_tokens=scalars["num_trained_tokens"][i],
             n_pass_tokens=scalars["n_pass_tokens"][i],
             loss_units=scalars["loss_units"][i],
+            conversation_segments=owned,
         )

@@ -39,6 +39,7 @@ class Stats:
     conversations: int = 0
     trained_runs: int = 0
     tokens_one_pass: int = 0
+    tokens_unshared: int = 0  # one-pass, had each conversation kept a tree of its own
     tokens_n_pass: int = 0
     tokens_trained: int = 0
     pairs_one_pass: int = 0
@@ -91,6 +92,9 @@ def compute_stats(run: Run) -> Stats:
         loss=dict(loss_settings(run.manifest)),
     )
     stats.max_seq_len = run.manifest.get("options", {}).get("max_seq_len")
+    # The manifest's shard entries say what sharing saved (v2 runs shared nothing).
+    entries = {entry.get("file"): entry for entry in run.manifest.get("shards", []) if isinstance(entry, dict)}
+    stats.tokens_unshared = sum(int(entries.get(file.name, {}).get("unshared", tokens)) for file, _, tokens in run.shards)
     for row in iter_rows(run):
         stats.rows += 1
         stats.conversations += len(row.conversation_ids)
@@ -142,9 +146,12 @@ def stats_json(stats: Stats) -> dict:
         },
         "tokens": {
             "one_pass": stats.tokens_one_pass,
+            "unshared": stats.tokens_unshared,
             "n_pass": stats.tokens_n_pass,
             "trained": stats.tokens_trained,
             "saving": _saving(stats.tokens_one_pass, stats.tokens_n_pass),
+            "saving_by_layout": _saving(stats.tokens_unshared, stats.tokens_n_pass),
+            "saving_by_sharing": _saving(stats.tokens_one_pass, stats.tokens_unshared),
         },
         "attention_pairs": {
             "one_pass": stats.pairs_one_pass,
@@ -209,6 +216,12 @@ def stats_view(stats: Stats, width: int) -> Group:
         "saving",
         f"{_saving(stats.tokens_one_pass, stats.tokens_n_pass):.1%} tokens",
         f"{_saving(stats.pairs_one_pass, stats.pairs_n_pass):.1%} pairs",
+    )
+    table.add_row("  by the one-pass layout", f"{_saving(stats.tokens_unshared, stats.tokens_n_pass):.1%} tokens", "")
+    table.add_row(
+        "  by sharing prefixes",
+        f"{_saving(stats.tokens_one_pass, stats.tokens_unshared):.1%} tokens",
+        f"of {stats.tokens_unshared:,}",
     )
     table.add_row("trained tokens", f"{stats.tokens_trained:,}", "")
     if stats.fill_rate is not None:

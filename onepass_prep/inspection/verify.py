@@ -3,10 +3,12 @@ against the exactness contract of docs/FORMAT.md, in time linear in the tokens (
 pairs are compared by the hashed keys of `pairs.py`).
 
 Samples are rendered here with `apply_chat_template(..., tokenize=True)`, independently of
-the converter's rendering, tokenizing and layout code. The contract then reads: the
-multiset of keys of labelled row tokens equals the multiset of keys of trained sample
-tokens, each key carrying the token's loss weight, worked out here from the docs/FORMAT.md
-table (not by the converter's code).
+the converter's rendering, tokenizing and layout code. The contract then reads: the keys
+of labelled row tokens are the keys of trained sample tokens, and each key's loss weights
+summed over the rows equal its samples' loss weights summed, worked out here from the
+docs/FORMAT.md table (not by the converter's code). Summing makes a pair trained once per
+sample and a pair that conversations sharing a tree train once (docs/FORMAT.md, "Shared
+prefixes") the same objective, as they are.
 """
 
 from __future__ import annotations
@@ -103,11 +105,7 @@ def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -
     report.samples = len(expected)
     report.pairs = sum(len(k) for k in expected_keys)
     _check_bookkeeping(expected, seen, report, loss_settings(run.manifest)["normalization"])
-    weighted = [
-        _with_weight(keys, np.full(len(keys), e.weight, np.float32))
-        for keys, e in zip(expected_keys, expected, strict=True)
-    ]
-    _check_pairs(run, expected, weighted, seen, loaded.tokenizer.decode, report)
+    _check_pairs(run, expected, expected_keys, seen, loaded.tokenizer.decode, report)
     if model_check:
         from onepass_prep.inspection.model_check import check_losses, run_config
 
@@ -122,7 +120,8 @@ def verify(run: Run, inputs: list[Path], model: str | None, model_check: bool) -
 @dataclass
 class SeenRows:
     ids: Counter  # conversation ids over the rows
-    keys: np.ndarray  # one key per labelled token, with its loss weight
+    keys: np.ndarray  # one key per labelled token
+    weights: np.ndarray  # its loss weight
     places: np.ndarray  # (row number, token index) per key
     n_pass_tokens: int
     units: list[tuple[list[str], int]]  # (conversation ids, loss_units) per row
@@ -130,22 +129,19 @@ class SeenRows:
 
 def _read_rows(run: Run, powers: Powers, report: VerifyReport) -> SeenRows:
     ids: Counter = Counter()
-    keys_parts, places, n_pass_tokens, units = [], [], 0, []
+    keys_parts, weights, places, n_pass_tokens, units = [], [], [], 0, []
     for row in iter_rows(run):
         report.rows += 1
         ids.update(row.conversation_ids)
         n_pass_tokens += row.n_pass_tokens
         units.append((row.conversation_ids, row.loss_units))
         found, labelled = row_keys(row, powers)
-        keys_parts.append(_with_weight(found, row.loss_weights[labelled]))
+        keys_parts.append(found)
+        weights.append(row.loss_weights[labelled].astype(np.float64))
         places.append(np.stack([np.full(len(labelled), row.number), labelled], axis=1))
     report.labelled = sum(len(k) for k in keys_parts)
-    return SeenRows(ids, _stack(keys_parts, 5), _stack(places, 2), n_pass_tokens, units)
-
-
-def _with_weight(keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Pair keys with their float32 loss weight's bits as a fifth column."""
-    return np.column_stack([keys, weights.astype(np.float32).view(np.int32).astype(np.int64)])
+    flat_weights = np.concatenate([np.zeros(0), *weights])
+    return SeenRows(ids, _stack(keys_parts, 4), flat_weights, _stack(places, 2), n_pass_tokens, units)
 
 
 def _check_bookkeeping(
@@ -178,8 +174,12 @@ def _check_bookkeeping(
             )
 
 
+WEIGHT_TOLERANCE = 1e-5  # relative: float32 weights, summed in another order
+
+
 def _check_pairs(run, expected, expected_keys, seen: SeenRows, decode, report) -> None:
-    """The exactness contract: report unmatched keys of both sides, the first of each."""
+    """The exactness contract: report keys trained on one side only, or with other summed
+    weights, the first of each."""
     sample_places = _stack(
         [
             np.stack([np.full(len(k), i), e.start + np.arange(len(k))], axis=1)
@@ -187,7 +187,10 @@ def _check_pairs(run, expected, expected_keys, seen: SeenRows, decode, report) -
         ],
         2,
     )
-    missing, extra = multiset_difference(_stack(expected_keys, 5), seen.keys)
+    sample_weights = np.concatenate(
+        [np.zeros(0)] + [np.full(len(k), np.float32(e.weight), np.float64) for k, e in zip(expected_keys, expected, strict=True)]
+    )
+    missing, extra = weight_difference(_stack(expected_keys, 4), sample_weights, seen.keys, seen.weights)
     share = MAX_REPORTED // 2 if len(missing) and len(extra) else MAX_REPORTED
     for shown, (sample, k) in enumerate(sorted(sample_places[missing].tolist())):
         e = expected[sample]
@@ -202,7 +205,7 @@ def _check_pairs(run, expected, expected_keys, seen: SeenRows, decode, report) -
         report.problem(
             f"{_row_place(run, number)}, token {j} {decode([int(seen.keys[index, 3])])!r}: "
             "labelled, but no N-pass sample trains this token with this context and loss weight "
-            f"{np.int32(seen.keys[index, 4]).view(np.float32):.6g}",
+            f"{seen.weights[index]:.6g}",
             show=shown < share,
         )
 
@@ -284,23 +287,27 @@ def _stack(parts: list[np.ndarray], width: int) -> np.ndarray:
     return np.concatenate([np.zeros((0, width), np.int64), *parts]).astype(np.int64)
 
 
-def multiset_difference(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the rows of `left` and of `right` left over once equal rows are paired,
-    found by sorting both together: O(n log n), no per-row Python work unless unmatched."""
+def weight_difference(
+    left: np.ndarray, left_weights: np.ndarray, right: np.ndarray, right_weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the rows of `left` and of `right` whose key's summed weight differs from
+    the other side's (absent = 0), one index per such key and side; found by sorting both
+    together: O(n log n), no per-row Python work unless unmatched."""
     both = np.concatenate([left, right])
-    side = np.repeat([1, -1], [len(left), len(right)])
-    order = np.lexsort(both.T[::-1])
-    ordered = both[order]
-    starts = np.flatnonzero(np.concatenate([[True], (ordered[1:] != ordered[:-1]).any(axis=1)]))
-    bounds = np.append(starts, len(order))
-    balance = np.add.reduceat(side[order], starts) if len(order) else np.zeros(0, np.int64)
-    unmatched: dict[int, list[int]] = {1: [], -1: []}
-    for group in np.flatnonzero(balance).tolist():
-        members = order[bounds[group] : bounds[group + 1]]
-        surplus = int(balance[group])
-        sign = 1 if surplus > 0 else -1
-        unmatched[sign].extend(members[side[members] == sign][: abs(surplus)].tolist())
-    return np.asarray(unmatched[1], np.int64), np.asarray(unmatched[-1], np.int64) - len(left)
+    if not len(both):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, first, group = np.unique(both, axis=0, return_index=True, return_inverse=True)
+    group = group.reshape(-1)
+    totals = [np.bincount(group[: len(left)], left_weights, len(first)),
+              np.bincount(group[len(left) :], right_weights, len(first))]
+    differ = np.abs(totals[0] - totals[1]) > WEIGHT_TOLERANCE * np.maximum(totals[0], totals[1])
+    in_right = np.zeros(len(first), bool)
+    in_right[group[len(left) :]] = True
+    first_right = np.full(len(first), -1)
+    first_right[group[len(left) :][::-1]] = np.arange(len(right))[::-1]
+    left_side = np.flatnonzero(differ & ~in_right)  # reported at a sample token
+    right_side = np.flatnonzero(differ & in_right)  # reported at a row token
+    return first[left_side].astype(np.int64), first_right[right_side].astype(np.int64)
 
 
 def _row_place(run: Run, number: int) -> str:

@@ -100,23 +100,39 @@ class RowView:
 
     @cached_property
     def conversations(self) -> list[Conversation]:
-        """The row's trees in row order, named by `conversation_ids` when the row holds one
-        root per id (as the converter writes it), else `tree K`."""
+        """The row's conversations in row order, each with its tree (named by
+        `conversation_ids` when each id has its segments, as the converter writes them, else
+        `tree K` per root). Conversations that share a tree each count the trained tokens
+        and turns of their own segments (the shared ones included)."""
         row = self.row
         roots = np.flatnonzero(row.seg_parents < 0).tolist()
-        names = row.conversation_ids
-        if len(names) != len(roots):
-            names = [f"tree {k}" for k in range(len(roots))]
-        labelled = np.concatenate(([0], np.cumsum(row.labels != IGNORE_INDEX)))
-        run_starts = np.array([start for start, _ in row.trained_runs], np.int64)
         ends = roots[1:] + [len(row.seg_lens)]
+        owned = [segments.tolist() for segments in row.conversation_segments]
+        names = row.conversation_ids
+        if len(owned) != len(names) or any(not segments for segments in owned):
+            names, owned = [f"tree {k}" for k in range(len(roots))], [list(range(a, b)) for a, b in zip(roots, ends, strict=True)]
+        tree_of = np.searchsorted(roots, np.arange(len(row.seg_lens)), side="right") - 1
+        labelled = np.concatenate(([0], np.cumsum(row.labels != IGNORE_INDEX)))
+        run_segments = row.segment_of[[start for start, _ in row.trained_runs]] if row.trained_runs else np.zeros(0, int)
         out = []
-        for name, root, end_segment, (start, end) in zip(names, roots, ends, row.trees, strict=True):
-            first, stop = np.searchsorted(run_starts, [start, end]).tolist()
-            trained = int(labelled[end] - labelled[start])
-            weights = self.weights[first:stop].tolist()
-            out.append(Conversation(name, range(root, end_segment), start, end, trained, stop - first, weights))
+        for name, segments in zip(names, owned, strict=True):
+            tree = int(tree_of[segments[0]])
+            start, end = row.trees[tree]
+            ends_of = row.seg_starts[segments] + row.seg_lens[segments]
+            trained = int((labelled[ends_of] - labelled[row.seg_starts[segments]]).sum())
+            runs = np.flatnonzero(np.isin(run_segments, segments))
+            weights = self.weights[runs].tolist()
+            out.append(Conversation(name, range(roots[tree], ends[tree]), start, end, trained, len(runs), weights, segments))
         return out
+
+    @cached_property
+    def owners(self) -> dict[int, list[str]]:
+        """Segment -> the conversations whose samples pass through it."""
+        found: dict[int, list[str]] = {}
+        for conversation in self.conversations:
+            for segment in conversation.owned:
+                found.setdefault(segment, []).append(conversation.id)
+        return found
 
     def conversation(self, name: str) -> Conversation:
         for conversation in self.conversations:
@@ -128,7 +144,8 @@ class RowView:
 
 @dataclass
 class Conversation:
-    """One tree of a row: its root segment and descendants, tokens [start, end)."""
+    """One conversation of a row and its tree: the tree's root segment and descendants,
+    tokens [start, end) (a tree several conversations share is each one's tree)."""
 
     id: str
     segments: range  # the root segment and its descendants (pre-order keeps them together)
@@ -137,6 +154,7 @@ class Conversation:
     trained: int  # labelled tokens
     turns: int  # trained runs
     weights: list[float]  # the message weight of each trained run, in row order
+    owned: list[int]  # its own segments: all of `segments`, unless it shares the tree
 
 
 def escape(text: str) -> str:
@@ -178,6 +196,14 @@ def header(view: RowView, max_seq_len: int | None, list_ids: bool = True) -> Tex
     return out
 
 
+def owner_names(names: list[str], shown: int = 3) -> str:
+    """The conversations of a segment: one id, or "shared by N: a, b, c, …"."""
+    if len(names) == 1:
+        return names[0]
+    listed = ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
+    return f"shared by {len(names)}: {listed}"
+
+
 def weight_summary(weights: list[float]) -> str:
     """How many trained turns weigh 1, less (down), more (up)."""
     if not weights:
@@ -199,15 +225,14 @@ def segment_tree(view: RowView, width: int, conversation: Conversation | None = 
     by_segment: dict[int, list[Part]] = {}
     for part in view.parts:
         by_segment.setdefault(part.segment, []).append(part)
-    roots = np.flatnonzero(row.seg_parents < 0).tolist()
-    owners = row.conversation_ids if len(roots) == len(row.conversation_ids) else None
+    owners = view.owners
     title = f"row {row.number}"
     if conversation is not None:
         title += f", conversation {conversation.id}"
     tree = Tree(Text(f"{title}: segments (tokens and positions are inclusive)"))
     nodes: dict[int, Tree] = {}
     depths: dict[int, int] = {}
-    shown = range(len(row.seg_lens)) if conversation is None else conversation.segments
+    shown = range(len(row.seg_lens)) if conversation is None else conversation.owned
     for segment in shown:
         parent = int(row.seg_parents[segment])
         start = int(row.seg_starts[segment])
@@ -215,8 +240,9 @@ def segment_tree(view: RowView, width: int, conversation: Conversation | None = 
         depth = 0 if parent < 0 else depths[parent] + 1
         depths[segment] = depth
         label = Text(f"seg {segment}", style="bold", no_wrap=True, overflow="ellipsis")
-        if parent < 0 and owners:
-            label.append(f"  {owners[roots.index(segment)]}", style="bold")
+        mine = owners.get(segment, [])
+        if mine and (parent < 0 or mine != owners.get(parent)):  # a tree, or where a branch leaves
+            label.append(f"  {owner_names(mine)}", style="bold")
         label.append(
             f"  tokens {start}..{end - 1}  pos {row.position_ids[start]}..{row.position_ids[end - 1]}"
         )

@@ -5,6 +5,7 @@ interrupted run is resumed. Real processes throughout: the CLI, Ray's workers, s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,9 +33,10 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
-    """An input with a rejection in every chunk, converted by the local engine."""
+    """An input with a rejection in every chunk and conversations that share prefixes,
+    converted by the local engine."""
     folder = tmp_path_factory.mktemp("ray")
-    data = synth.write(folder / "chats.jsonl", 400, seed=8, turns=2, scale=0.08)
+    data = synth.write_mixed(folder / "chats.jsonl", 400, seed=8, turns=2, scale=0.08)
     lines = data.read_bytes().splitlines(keepends=True)
     data.write_bytes(b"".join(b"{oops\n" + line if i % 37 == 0 else line for i, line in enumerate(lines)))
     out = folder / "local"
@@ -62,6 +64,8 @@ def test_ray_writes_the_local_engines_bytes(local, tmp_path, workers):
     assert done.returncode == 0, done.stderr
     assert folder_bytes(out) == expected
     assert len(expected) > 10  # many shards, the manifest and rejected.jsonl
+    tokens = json.loads(expected["manifest.json"])["tokens"]
+    assert tokens["one_pass"] < 0.9 * tokens["unshared"]  # conversations did share trees
 
 
 def ray_workers() -> list[int]:

@@ -117,7 +117,8 @@ def interrupt_after_shards(command, shards, sig, out):
 
 
 def test_interrupted_run_resumes_to_identical_bytes(tmp_path):
-    data = synth.write(tmp_path / "big.jsonl", 2500, seed=5, turns=2, scale=0.08)
+    # Half the records share prefixes (synth.write_mixed): merged trees are written and resumed.
+    data = synth.write_mixed(tmp_path / "big.jsonl", 2500, seed=5, turns=2, scale=0.08)
     # Rejections all along the file, so that some are written after the last point an
     # interrupted run saved: resuming must drop those, not write them twice.
     lines = data.read_bytes().splitlines(keepends=True)
@@ -134,17 +135,23 @@ def test_interrupted_run_resumes_to_identical_bytes(tmp_path):
     assert finished.returncode == 0, finished.stderr
 
     assert folder_bytes(cut) == folder_bytes(whole)  # the manifest too
+    tokens = json.loads((whole / "manifest.json").read_text())["tokens"]
+    assert tokens["one_pass"] < 0.9 * tokens["unshared"]  # conversations did share trees
 
 
 def test_num_proc_gives_the_same_bytes(tmp_path, sample_path):
-    outs = []
-    for num_proc in ("1", "2"):
-        out = tmp_path / num_proc
-        result = runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(out),
-                                     "--num-proc", num_proc, "--records-per-shard", "5", "--max-seq-len", "4096"])
-        assert result.exit_code == 0, result.output
-        outs.append(folder_bytes(out))
-    assert outs[0] == outs[1] and len(outs[0]) > 3
+    mixed = synth.write_mixed(tmp_path / "mixed.jsonl", 60, seed=2, turns=2, scale=0.08)
+    for data, per_shard in ((sample_path, "5"), (mixed, "12")):  # without and with shared prefixes
+        outs = []
+        for num_proc in ("1", "2"):
+            out = tmp_path / f"{data.stem}-{num_proc}"
+            result = runner.invoke(app, ["convert", str(data), "--model", "qwen", "-o", str(out), "--num-proc",
+                                         num_proc, "--records-per-shard", per_shard, "--max-seq-len", "4096"])
+            assert result.exit_code == 0, result.output
+            outs.append(folder_bytes(out))
+        assert outs[0] == outs[1] and len(outs[0]) > 3
+    tokens = json.loads(outs[0]["manifest.json"])["tokens"]
+    assert tokens["one_pass"] < 0.9 * tokens["unshared"]
 
 
 # Fuzzing: whatever the records hold, each is converted exactly or rejected with a reason.

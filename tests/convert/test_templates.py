@@ -25,6 +25,7 @@ from helpers.reference import (
     record_messages,
     reference_tokenizer,
     tiny_qwen3,
+    weight_totals,
 )
 from typer.testing import CliRunner
 
@@ -203,7 +204,10 @@ def test_template_converts_exactly(template):
         assert rejected[line]["reason"].endswith(message)
         if kind == "template-error":
             assert rejected[line]["reason"].startswith("chat template failed: ")
-    assert sum((one_pass_pairs(row) for row in rows), Counter()) == expected
+    # Each pair with its total weight (token mean, weight 1 per sample): conversations that
+    # share a tree train a shared pair once, weighted by how many samples train it.
+    got = weight_totals(sum((one_pass_pairs(row, with_weight=True) for row in rows), Counter()))
+    assert got == {pair: float(count) for pair, count in expected.items()}
     assert len(rows) < len(records) - len(refused)  # packed: several chats per row
     assert manifest["reasoning_audit"] == {
         "turns_with_reasoning": turns_with_reasoning, "reasoning_dropped": dropped,

@@ -2,13 +2,16 @@
 rarely produce: samples that are prefixes of others, trained ranges that overlap, two
 trained branches leaving one token."""
 
+from collections import Counter
+
 import numpy as np
-from helpers.reference import n_pass_pairs, one_pass_pairs, weighted_pairs
+from helpers.reference import n_pass_pairs, one_pass_pairs, weight_totals, weighted_pairs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onepass_prep.convert.render import Sample
-from onepass_prep.convert.tree import layout_samples
+from onepass_prep.convert.share import samples_of
+from onepass_prep.convert.tree import PrefixTree, layout_samples
 
 
 @st.composite
@@ -104,3 +107,30 @@ def test_a_split_context_run_stays_shared():
                              Sample(np.asarray([1, 2, 7, 8, 5], np.int32), 4)])
     assert layout.input_ids.tolist() == [1, 2, 3, 4, 9, 4, 6, 7, 8, 5]
     assert layout.seg_parents.tolist() == [-1, 0, 1, 1, 0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(sample_sets(), st.data(), st.sampled_from(["token", "turn", "conversation"]), st.booleans())
+def test_conversations_sharing_a_tree_keep_each_pairs_total_weight(samples, data, normalization, merge):
+    """The samples cut into conversations that share one tree: every pair's summed weight is
+    the sum over conversations of the FORMAT.md weights; units add up; the tree's token
+    count is its layout's length; each sample reads back from the layout as it went in."""
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(samples) - 1)))))
+    cuts = [c for c in cuts if c < len(samples)]
+    conversations = [samples[a:b] for a, b in zip([0, *cuts], [*cuts, len(samples)], strict=True)]
+    tree, expected, units = PrefixTree(merge_trained=merge), Counter(), 0
+    for conversation in conversations:
+        weights = [data.draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])) for _ in conversation]
+        tree.add([Sample(np.asarray(ids, np.int32), start, weight=w)
+                  for (ids, start), w in zip(conversation, weights, strict=True)], normalization)
+        pairs, found_units = weighted_pairs(conversation, weights, normalization)
+        expected, units = expected + pairs, units + found_units
+    layout = tree.layout()
+    assert tree.tokens == len(layout) and layout.loss_units == units
+    got = weight_totals(one_pass_pairs(as_row(layout), with_weight=True))
+    want = weight_totals(expected)
+    assert got.keys() == want.keys()
+    assert all(abs(got[k] - want[k]) <= 1e-6 * want[k] for k in want)
+    trained = sorted((s.input_ids.tolist(), s.train_start) for s in tree.samples if s.is_trained)
+    assert sorted((s.input_ids.tolist(), s.train_start) for s in samples_of(layout)) == trained
+    assert len(layout.conversation_segments) == len(conversations)

@@ -286,7 +286,9 @@ def token_losses(model, ids, positions, mask, targets_at):
 
 def assert_losses_match(model, rows: list[dict], samples: list[tuple[list[int], int]]) -> None:
     """Every labelled token of the rows has the loss its N-pass sample gives it (1e-5),
-    matched by (context, target); no pair is missing or extra."""
+    matched by (context, target); no pair is missing or extra. (How often a pair is
+    trained, and with what weight, is the pair checks' business: conversations that share
+    a tree train a shared pair once.)"""
     expected, got = defaultdict(list), defaultdict(list)
     with torch.no_grad():
         for ids, start in samples:
@@ -303,4 +305,15 @@ def assert_losses_match(model, rows: list[dict], samples: list[tuple[list[int], 
                 got[(tuple(ids[mask[j - 1]].tolist()), int(ids[j]))].append(loss.item())
     assert got.keys() == expected.keys()
     for key, losses in expected.items():
-        np.testing.assert_allclose(sorted(got[key]), sorted(losses), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got[key], losses[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(losses, losses[0], rtol=0, atol=1e-5)
+
+
+def weight_totals(pairs: Counter) -> dict[tuple, float]:
+    """(context, target) -> its loss weight summed over every time it is trained, from a
+    (context, target, weight) multiset: the objective, whether a pair shared by several
+    samples is trained once per sample or once with their weights added."""
+    totals: dict[tuple, float] = defaultdict(float)
+    for (context, target, weight), count in pairs.items():
+        totals[(context, target)] += weight * count
+    return dict(totals)

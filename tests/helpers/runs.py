@@ -35,7 +35,8 @@ def converted(name: str, *extra: str, source: Path = SAMPLE) -> Path:
 
 @functools.cache
 def long_input() -> Path:
-    """The sample plus renamed copies of its first 22 chats: packs into one ~31k-token row."""
+    """The sample plus renamed copies of its first 22 chats: packs into one ~31k-token row
+    with --no-share-prefixes (sharing would merge each copy into its original's tree)."""
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()
     copies = []
     for line in lines[:22]:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from onepass_prep.format import SCHEMA, SCHEMA_V1
+from onepass_prep.format import SCHEMA_V1, SCHEMA_V2
 
 IGNORE = -100
 NORMALIZATIONS = ("token", "turn", "conversation")
@@ -243,7 +243,7 @@ def write_run(folder: Path, rows: Sequence[dict], rows_per_shard: int, rows_per_
     """Shards and a manifest as `onepass-prep convert` writes them (format v1: without the loss
     columns and the manifest's "loss")."""
     folder.mkdir(parents=True, exist_ok=True)
-    schema = SCHEMA_V1 if version == 1 else SCHEMA
+    schema = SCHEMA_V1 if version == 1 else SCHEMA_V2
     if version == 1:
         rows = [{k: v for k, v in row.items() if k not in ("loss_weights", "loss_units")} for row in rows]
     shards = []
@@ -262,4 +262,4 @@ def write_run(folder: Path, rows: Sequence[dict], rows_per_shard: int, rows_per_
 
 
 def table_of(rows: Sequence[dict]) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA_V2)

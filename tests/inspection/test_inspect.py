@@ -202,7 +202,7 @@ def test_terminal_mask_of_a_short_row():
 
 
 def test_a_31k_token_row_is_drawn_by_blocks_quickly():
-    out = converted("long", source=long_input())
+    out = converted("long", "--no-share-prefixes", source=long_input())
     assert len(rows(out)) == 1 and rows(out)[0]["num_tokens"] > 30000
     started = time.perf_counter()
     result = cli("inspect", out, columns=100)
@@ -254,11 +254,11 @@ def test_png_pixels_follow_the_format_rule(tmp_path, qwen):
 
 def test_png_of_a_31k_token_row(tmp_path):
     png = tmp_path / "long.png"
-    result = cli("inspect", converted("long", source=long_input()), "--png", png)
+    result = cli("inspect", converted("long", "--no-share-prefixes", source=long_input()), "--png", png)
     assert result.exit_code == 0, result.output
     image = np.asarray(Image.open(png).convert("RGB"))
     assert f"({image.shape[1]}x{image.shape[0]})" in result.output.replace("\n", "")
-    block, cells, scale = png_layout(rows(converted("long", source=long_input()))[0]["num_tokens"])
+    block, cells, scale = png_layout(rows(converted("long", "--no-share-prefixes", source=long_input()))[0]["num_tokens"])
     assert block > 1 and cells <= 1000 and scale == 1
     side = cells * scale
     assert tuple(image[picture.TOP + side - 1, picture.LEFT + side - 1]) != picture.FUTURE
