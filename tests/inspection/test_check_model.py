@@ -92,3 +92,14 @@ def test_a_mask_that_misses_the_window_is_caught(tmp_path, monkeypatch) -> None:
     assert result.exit_code == 1, result.output
     got = lines(result.output)
     assert all(got[name].startswith("differs") for name in ("sdpa", "eager", "flex_attention", "onepass_tree"))
+
+
+def test_a_gated_deltanet_hybrid_is_exact(tmp_path) -> None:
+    """Qwen3.5's linear-attention layers run from each segment's parent state (recurrent.py)."""
+    T.Qwen3_5TextConfig(num_hidden_layers=4).save_pretrained(tmp_path)
+    result = cli("check-model", tmp_path, columns=400)
+    assert result.exit_code == 0, result.output
+    assert "linear attention, each segment from its parent's state" in result.output
+    got = lines(result.output)
+    for implementation in ("sdpa", "eager", "onepass_tree"):
+        assert got[implementation].startswith("exact "), result.output
