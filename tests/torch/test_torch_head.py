@@ -227,6 +227,7 @@ def test_mixed_precision_and_trl_wrappers_keep_the_chunked_head() -> None:
     model = make_model("qwen3")
     install_mask_hook(model)
     add_fused_lm_head(model)
+    AcceleratorState._reset_state(True)  # an earlier Trainer test in this process set its own
     try:
         prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
         assert output_head(prepared) is not None
