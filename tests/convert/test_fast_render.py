@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.paths import TEMPLATES
+from helpers.runs import write_jsonl
 from test_templates import KWARGS, generated_records
 from typer.testing import CliRunner
 
@@ -191,7 +192,7 @@ def test_shards_are_byte_identical_with_the_fast_path_off(template, tmp_path, mo
     the summary says which engine rendered."""
     data = tmp_path / "chats.jsonl"
     records = generated_records(seed=len(template), count=22)
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(data, records)
     fast = convert_with(data, tmp_path / "fast", template, False, monkeypatch)
     slow = convert_with(data, tmp_path / "slow", template, True, monkeypatch)
     assert "rendered by │ fast path" in " ".join(fast.split()) and "not the fast path" not in fast

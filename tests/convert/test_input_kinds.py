@@ -17,6 +17,7 @@ import pytest
 import synth
 import zstandard
 from helpers.paths import ROOT, SAMPLE
+from helpers.runs import write_jsonl
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
@@ -44,7 +45,7 @@ def rejections(out: Path) -> list[tuple]:
 
 
 def as_jsonl(records: list[dict], path: Path) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(path, records)
     return path
 
 

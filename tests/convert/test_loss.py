@@ -18,7 +18,7 @@ from helpers.reference import (
     reference_tokenizer,
     weighted_pairs,
 )
-from helpers.runs import cli, converted, rows
+from helpers.runs import cli, converted, rows, write_jsonl
 
 CHOICES = [{}, {"weight": 0}, {"loss_weight": 0.5}, {"weight": 2.5}, {"train": False}, {"train": True}]
 
@@ -34,7 +34,7 @@ def weighted(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path
             if message.get("role", message.get("from")) in ("assistant", "gpt"):
                 message.update(rng.choice(CHOICES))
     path = tmp_path_factory.mktemp("weighted") / "weighted.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(path, records)
     return records, path
 
 

@@ -27,7 +27,7 @@ from helpers.reference import (
     weight_totals,
     weighted_pairs,
 )
-from helpers.runs import cli, converted, rows
+from helpers.runs import cli, converted, rows, write_jsonl
 from helpers.torch_models import gradients, n_pass_objective
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -53,7 +53,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
         if message_weights(record)[-1] == 0:  # the last turn trains: --train-on last rejects nothing
             record["messages"][-1]["weight"] = 1
     path = tmp_path_factory.mktemp("shapes") / "shapes.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(path, records)
     return records, path
 
 

@@ -27,6 +27,7 @@ from helpers.reference import (
     tiny_qwen3,
     weight_totals,
 )
+from helpers.runs import write_jsonl
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
@@ -142,7 +143,7 @@ def converted(template: str) -> tuple[list[dict], list[dict], dict, dict, str]:
     records = generated_records(seed=len(template), count=22)
     tmp_path = Path(tempfile.mkdtemp(prefix=f"templates-{template}-", dir=_FOLDER.name))
     data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(data, records)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [
         "convert", str(data), "--model", "qwen", "-o", str(out), "--max-seq-len", "16384",

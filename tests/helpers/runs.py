@@ -18,6 +18,11 @@ _ROOT = tempfile.TemporaryDirectory(prefix="onepass-prep-tests-")  # removed at 
 runner = CliRunner()
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Records as a JSONL input file, one line each, as users write them."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
 def cli(*args, columns: int = 100):
     """Run the real command line with a fixed terminal width."""
     return runner.invoke(app, [str(arg) for arg in args], env={"COLUMNS": str(columns), "LINES": None})
