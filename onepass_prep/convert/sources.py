@@ -202,8 +202,7 @@ def _open_source(path: Location, name: str) -> Source:
         if head.startswith(magic):
             what = "gzip" if suffix == ".gz" else "zstd"
             try:
-                with _decompressed(path, suffix) as stream:
-                    inner = stream.read(4096)
+                inner = _inner_head(path, suffix)
             except _read_errors() as error:
                 raise SourceError(f"input {path}: looks like {what}-compressed data, but cannot be read: {_one_line(error)}") from None
             if inner.startswith((PARQUET, ARROW_FILE, ARROW_STREAM, GZIP, ZSTD, *ZIP)):
@@ -288,6 +287,20 @@ def _decompressed(path: Location, suffix: str) -> Iterator[IO[bytes]]:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
         with io.BufferedReader(reader, CHUNK) as buffered:  # type: ignore[arg-type]
             yield buffered
+
+
+def _inner_head(path: Location, suffix: str) -> bytes:
+    """The first 4096 bytes of compressed data, decompressed from the few compressed
+    blocks they need (the driver of a Ray run reads no more of an input than this)."""
+    with path.open(sequential=False) as raw:
+        if suffix == ".gz":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                return stream.read(4096)
+        import zstandard
+
+        decompressor = zstandard.ZstdDecompressor()
+        with decompressor.stream_reader(raw, read_size=16384, read_across_frames=True, closefd=False) as stream:
+            return stream.read(4096)
 
 
 @contextmanager
