@@ -340,10 +340,20 @@ class _Objects(_Store):
             raise StorageError(f"{location}: {_reason(error)}") from error
 
     def is_dir(self, path: str) -> bool:
+        self._bucket(path)
         return "/" not in path or self.fs.isdir(path)
 
     def is_file(self, path: str) -> bool:
+        self._bucket(path)
         return "/" in path and self.fs.isfile(path)
+
+    def _bucket(self, path: str) -> None:
+        """Say so if the bucket is missing (the store answers 'no such key' otherwise)."""
+        bucket = path.split("/", 1)[0]
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise StorageError(f"{self.show(bucket)}: no such bucket") from None
 
     def size(self, path: str) -> int:
         return int(self.fs.size(path))
@@ -379,9 +389,7 @@ class _Objects(_Store):
         return int(getattr(cache, "total_requested_bytes", 0))
 
     def make_folder(self, path: str) -> None:
-        bucket = path.split("/", 1)[0]
-        if not self.fs.exists(bucket):
-            raise StorageError(f"{self.show(bucket)}: no such bucket")
+        self._bucket(path)  # a prefix needs no making
 
     def put(self, path: str, write: Callable[[IO[bytes]], None]) -> None:
         buffer = io.BytesIO()
@@ -469,7 +477,7 @@ def _objects(scheme: str) -> _Objects:
         try:
             import fsspec
 
-            filesystem = fsspec.filesystem(scheme, **OPTIONS.get(scheme, {}))
+            filesystem = fsspec.filesystem(scheme, skip_instance_cache=True, **OPTIONS.get(scheme, {}))
             if scheme in RETRIES:
                 filesystem.retries = RETRIES[scheme]
         except ImportError as error:

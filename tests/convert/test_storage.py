@@ -37,3 +37,53 @@ def test_s3_inputs_to_an_s3_output_write_the_local_runs_bytes(chats):
     with pytest.raises(ConvertError, match="in use by another convert"):
         convert(chats.urls, f"s3://{BUCKET}/held", options(overwrite=True))
     assert s3_files(f"s3://{BUCKET}/held") == {".onepass-prep.lock": json.dumps(lock).encode()}
+
+
+def test_an_interrupted_s3_run_resumes_to_the_same_bytes(chats):
+    out = f"s3://{BUCKET}/resumed"
+    chunks = []
+
+    def interrupt(size: int, _total: int | None) -> None:
+        chunks.append(size)
+        if len(chunks) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(chats.urls, out, options(), interrupt)
+    left = s3_files(out)
+    assert "manifest.json" not in left and "rejected.jsonl" not in left  # nothing looks finished
+    assert [name for name in left if name.startswith("part-")] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert any(name.startswith(".progress.jsonl.d/") for name in left)
+    with pytest.raises(ConvertError, match="is not empty"):
+        convert(chats.urls, out, options())
+    convert(chats.urls, out, options(resume=True))
+    assert comparable(s3_files(out)) == comparable(chats.expected)
+
+
+@pytest.mark.parametrize("problem", ["missing bucket", "missing credentials", "unreachable endpoint"])
+def test_a_store_that_cannot_be_used_is_one_line_at_once(chats, monkeypatch, problem):
+    monkeypatch.setattr(storage, "_stores", {})  # a new client, which reads the environment again
+    inputs, out = chats.urls, f"s3://{BUCKET}/errors"
+    if problem == "missing bucket":
+        inputs, expected = [f"s3://no-such-bucket/{name}" for name in ("a.jsonl", "b.jsonl")], "no such bucket"
+    elif problem == "missing credentials":
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        expected = "no credentials found"
+    else:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
+        expected = "cannot reach the store's endpoint"
+    started = time.monotonic()
+    with pytest.raises(ConvertError) as raised:
+        convert(inputs, out, options())
+    message = str(raised.value)
+    assert expected in message and message.startswith("input s3://") and "\n" not in message, message
+    assert time.monotonic() - started < 20
+
+
+def test_an_s3_output_in_a_missing_bucket_is_one_line(chats):
+    with pytest.raises(ConvertError, match=r"^s3://no-such-bucket: no such bucket$"):
+        convert(chats.urls, "s3://no-such-bucket/out", options())
