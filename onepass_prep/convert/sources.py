@@ -475,8 +475,7 @@ def _parquet(name: str, kind: str, files: tuple[Location, ...]) -> Source:
     import pyarrow.parquet as pq
 
     try:
-        with files[0].open(sequential=False) as handle:
-            schema = pq.read_schema(handle)
+        schema = parquet_footer(files[0]).schema.to_arrow_schema()
     except _read_errors() as error:
         raise SourceError(f"input {name}: {files[0].name} looks like Parquet, but cannot be read: {_one_line(error)}") from None
     _columns(name, files[0].name, schema.names)
@@ -503,13 +502,27 @@ def _parquet(name: str, kind: str, files: tuple[Location, ...]) -> Source:
                 offset += rows
 
     def count() -> int:
-        total = 0
-        for path in files:
-            with path.open(sequential=False) as handle:
-                total += pq.read_metadata(handle).num_rows
-        return total
+        return sum(parquet_footer(path).num_rows for path in files)
 
     return Source(name, kind, read, files, count=count)
+
+
+def parquet_footer(path: Location) -> Any:
+    """A Parquet file's metadata (`pyarrow.parquet.FileMetaData`), fetched alone: its
+    last 8 bytes, then the footer they give the length of (a reader asked for the
+    metadata fetches the file's last 64 KB, which for a small file is all of it)."""
+    import pyarrow.parquet as pq
+
+    with path.open(sequential=False) as handle:
+        size = handle.seek(0, io.SEEK_END)
+        handle.seek(max(size - 8, 0))
+        tail = handle.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if len(tail) < 8 or tail[4:] != PARQUET or length > size - 12:
+            raise OSError(f"no Parquet footer at the end of its {size} bytes")
+        handle.seek(size - 8 - length)
+        footer = handle.read(length)
+    return pq.read_metadata(io.BytesIO(PARQUET + footer + tail))
 
 
 def _arrow(name: str, kind: str, files: tuple[Location, ...]) -> Source:

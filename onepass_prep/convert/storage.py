@@ -380,13 +380,16 @@ class _Objects(_Store):
         return [posixpath.basename(entry.rstrip("/")) for entry in found]
 
     def open(self, path: str, sequential: bool) -> IO[bytes]:
-        if sequential:  # lines read from a buffer, not a request per line
-            return io.BufferedReader(self.fs.open(path, "rb", block_size=CHUNK * 8, cache_type="readahead"))
-        return self.fs.open(path, "rb", cache_type="none")
+        if sequential:
+            handle = self.fs.open(path, "rb", block_size=CHUNK * 8, cache_type="readahead")
+        else:
+            handle = self.fs.open(path, "rb", cache_type="none")
+        handle.cache.fetcher = _CountedFetches(handle.cache.fetcher)
+        return io.BufferedReader(handle) if sequential else handle  # lines from a buffer, not a request each
 
     def fetched(self, handle: IO[bytes]) -> int:
-        cache = getattr(getattr(handle, "raw", handle), "cache", None)
-        return int(getattr(cache, "total_requested_bytes", 0))
+        fetcher = getattr(getattr(getattr(handle, "raw", handle), "cache", None), "fetcher", None)
+        return fetcher.count if isinstance(fetcher, _CountedFetches) else 0
 
     def make_folder(self, path: str) -> None:
         self._bucket(path)  # a prefix needs no making
@@ -438,6 +441,18 @@ class _Objects(_Store):
             for part in self._parts(path):
                 whole.write(self.fs.cat_file(part))
         self.delete(path + self.PARTS)
+
+
+class _CountedFetches:
+    """An fsspec file's range requests, counting the bytes they bring."""
+
+    def __init__(self, fetch: Callable[[int, int], bytes]):
+        self.fetch, self.count = fetch, 0
+
+    def __call__(self, start: int, stop: int) -> bytes:
+        data = self.fetch(start, stop)
+        self.count += len(data)
+        return data
 
 
 class _Counted(io.RawIOBase):
