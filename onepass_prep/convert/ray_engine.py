@@ -55,11 +55,11 @@ class ChunkConverter:
             self.sources[index] = open_source(where, name)
         return self.sources[index]
 
-    def count(self, job: Count) -> tuple[int, bool] | int:
+    def count(self, job: Count) -> tuple[list[int], bool] | int:
         """A counting job of the plan (plan.py)."""
         source = self.source(job.source)
         if job.length >= 0:
-            return count_lines(source.files[0], job.offset, job.length)
+            return count_lines(source.files[0], job.offset, job.length, job.step)
         return sum(1 for _ in source.records())
 
     def convert(self, work: ChunkPlan | Chunk) -> ChunkResult:

@@ -325,16 +325,16 @@ def _lines(stream: Iterable[bytes], first: int = 1) -> Iterator[Record]:
     return enumerate(stream, start=first)
 
 
-def count_lines(path: Location, offset: int, length: int) -> tuple[int, bool]:
-    """The newlines in `length` bytes of a plain JSONL file from `offset`, and whether the
-    last of those bytes is one: the counting pass that places a Ray run's chunks in a file
-    (plan.py), run by the workers on blocks of the file, in parallel."""
-    newlines, last = 0, b"\n"
+def count_lines(path: Location, offset: int, length: int, step: int) -> tuple[list[int], bool]:
+    """The newlines in each `step` bytes of `length` bytes of a plain JSONL file from
+    `offset`, and whether the last of those bytes is one: the counting pass that places a
+    Ray run's chunks in a file (plan.py), run by the workers on blocks of it, in parallel."""
+    counts, last = [], b"\n"
     with _plain(path, offset) as stream:
-        while length > 0 and (block := stream.read(min(CHUNK, length))):
-            newlines += block.count(b"\n")
+        while length > 0 and (block := stream.read(min(step, length))):
+            counts.append(block.count(b"\n"))
             last, length = block[-1:], length - len(block)
-    return newlines, last == b"\n"
+    return counts, last == b"\n"
 
 
 class _ArrayScanner:
