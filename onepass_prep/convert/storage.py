@@ -402,6 +402,11 @@ class _Objects(_Store):
     def create(self, path: str, data: bytes) -> bool:
         try:
             self.fs.pipe_file(path, data, mode="create")
+        except TypeError:
+            raise StorageError(
+                f"{self.show(path)}: this store's fsspec filesystem has no conditional write "
+                "(mode='create'), so a run cannot lock its output there"
+            ) from None
         except (FileExistsError, PermissionError) as error:
             if isinstance(error, PermissionError) and "PreconditionFailed" not in str(error.__cause__ or error):
                 raise
