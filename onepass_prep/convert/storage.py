@@ -315,10 +315,12 @@ class _Objects(_Store):
     """An object store through an fsspec filesystem; `path` is `bucket/key`."""
 
     PARTS = ".d"  # NAME.d/00000000, 00000001, ...: what was appended to NAME
+    BATCH = 256  # parts fetched at once
 
     def __init__(self, scheme: str, filesystem: Any):
         self.scheme = scheme
         self.fs = filesystem
+        self._appends: dict[str, int] = {}  # parts appended to each file, once listed
 
     def show(self, path: str) -> str:
         return f"{self.scheme}://{path}"
@@ -418,33 +420,44 @@ class _Objects(_Store):
         return True
 
     def delete(self, path: str) -> None:
+        self._appends.pop(path.removesuffix(self.PARTS), None)
         for found in (path, path + self.PARTS):
             if self.fs.exists(found):
                 self.fs.rm(found, recursive=True)
 
-    def _parts(self, path: str) -> list[str]:
-        folder = path + self.PARTS
-        return sorted(self.fs.find(folder)) if self.fs.exists(folder) else []
+    def _parts(self, path: str) -> list[dict]:
+        found = self.fs.find(path + self.PARTS, detail=True)
+        return [found[name] for name in sorted(found)]
+
+    def _contents(self, parts: list[dict]) -> Iterator[bytes]:
+        """The parts' bytes in order, fetched `BATCH` at a time, concurrently."""
+        for first in range(0, len(parts), self.BATCH):
+            names = [part["name"] for part in parts[first : first + self.BATCH]]
+            fetched = self.fs.cat(names)
+            yield from (fetched[name] for name in names)
 
     def append(self, path: str, data: bytes) -> None:
-        self.fs.pipe_file(f"{path}{self.PARTS}/{len(self._parts(path)):08d}", data)
+        if path not in self._appends:  # listed once; then counted here (one writer: the lock)
+            self._appends[path] = len(self._parts(path))
+        self.fs.pipe_file(f"{path}{self.PARTS}/{self._appends[path]:08d}", data)
+        self._appends[path] += 1
 
     def appended(self, path: str) -> bytes:
-        parts = self._parts(path)
-        return b"".join(self.fs.cat_file(part) for part in parts)
+        return b"".join(self._contents(self._parts(path)))
 
     def cut(self, path: str, size: int) -> None:
-        total = 0
+        total, kept = 0, 0
         for part in self._parts(path):
             if total >= size:
-                self.fs.rm(part)
+                self.fs.rm(part["name"])
             else:
-                total += int(self.fs.size(part))
+                total, kept = total + int(part["size"]), kept + 1
+        self._appends[path] = kept
 
     def seal(self, path: str) -> None:
         with self.fs.open(path, "wb") as whole:  # appears when complete
-            for part in self._parts(path):
-                whole.write(self.fs.cat_file(part))
+            for data in self._contents(self._parts(path)):
+                whole.write(data)
         self.delete(path + self.PARTS)
 
 
