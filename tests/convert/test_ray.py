@@ -8,6 +8,7 @@ run has a hard bound (BOUND seconds) past which it fails and its whole session i
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,3 +120,14 @@ def test_the_driver_reads_no_record_bytes(chats, cluster, monkeypatch):
     footer = 8 + pq.read_metadata(chats.folder / "c.parquet").serialized_size
     allowed = 3 * 4096 + sizes["b.jsonl.zst"] + 2 * footer  # heads, the zstd head's blocks, footers read twice
     assert fetched <= allowed < sizes["a.jsonl"] / 2, (fetched, allowed, sizes)
+
+
+def test_python_data_is_read_by_the_driver_and_converted_alike(chats, cluster, tmp_path):
+    """Data only the driver can read (Python records, standard input) is sent to the
+    workers as records: the bytes are still the local engine's."""
+    records = [json.loads(line) for line in (chats.folder / "a.jsonl").read_bytes().splitlines()[:60]
+               if line.startswith(b"{\"")]
+    convert(records, tmp_path / "local", options(records_per_shard=20))
+    convert(records, tmp_path / "ray", options(records_per_shard=20, engine="ray", num_proc=2, ray_address=cluster))
+    assert folder_files(tmp_path / "ray") == folder_files(tmp_path / "local")
+    assert len(folder_files(tmp_path / "ray")) >= 5

@@ -36,7 +36,7 @@ class Chats:
 
 def options(**extra: object) -> ConvertOptions:
     """The ConvertOptions of OPTIONS."""
-    return ConvertOptions(model="qwen", records_per_shard=40, max_seq_len=4096, **extra)  # type: ignore[arg-type]
+    return ConvertOptions(**{"model": "qwen", "records_per_shard": 40, "max_seq_len": 4096, **extra})  # type: ignore[arg-type]
 
 
 def s3_client():  # noqa: ANN201
