@@ -6,6 +6,7 @@ a store that cannot be used is one line, at once. Ray runs on S3: test_ray.py.""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ from helpers.services import free_port
 from helpers.stores import BUCKET, comparable, options, s3_client, s3_files
 
 from onepass_prep.convert import ConvertError, convert, storage
+from onepass_prep.convert.sources import open_source
 
 pytest.importorskip("moto")
 
@@ -87,3 +89,31 @@ def test_a_store_that_cannot_be_used_is_one_line_at_once(chats, monkeypatch, pro
 def test_an_s3_output_in_a_missing_bucket_is_one_line(chats):
     with pytest.raises(ConvertError, match=r"^s3://no-such-bucket: no such bucket$"):
         convert(chats.urls, "s3://no-such-bucket/out", options())
+
+
+def test_every_input_kind_reads_from_s3_as_from_a_folder(s3, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"id": str(i), "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+               for i in range(9)]
+    text = "".join(json.dumps(record) + "\n" for record in records).encode()
+    (tmp_path / "chats.jsonl.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "chats.json").write_text(json.dumps(records))
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for part in range(2):
+        table = pa.Table.from_pylist(records[part * 5 : part * 5 + 5])
+        pq.write_table(table, tmp_path / "hub" / "data" / f"train-{part:05d}-of-00002.parquet")
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    client = s3_client()
+    client.create_bucket(Bucket="kinds")
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "kinds", path.relative_to(tmp_path).as_posix())
+    for name in ("chats.jsonl.gz", "chats.json", "hub", "saved"):
+        local, remote = open_source(tmp_path / name, name), open_source(f"s3://kinds/{name}", name)
+        assert (remote.kind, remote.count()) == (local.kind, local.count()), name
+        assert list(remote.records()) == list(local.records()), name
+        assert list(remote.records(4)) == list(local.records(4)), name
+    assert open_source("s3://kinds/hub").kind == "parquet-folder"
