@@ -97,9 +97,7 @@ class Location:
         return self.store is _LOCAL
 
     def relative_to(self, folder: Location) -> str:
-        if self.is_local:
-            return posixpath.relpath(self.key(), folder.key())
-        return self.path[len(folder.path) + 1:] if folder.path else self.path
+        return self.store.relative(self.path, folder.path)
 
     def parent(self) -> Location:
         return Location(self.store, self.store.parent(self.path))
@@ -192,6 +190,7 @@ class _Store(Protocol):
     def key(self, path: str) -> str: ...
     def join(self, path: str, name: str) -> str: ...
     def parent(self, path: str) -> str: ...
+    def relative(self, path: str, folder: str) -> str: ...
     def is_dir(self, path: str) -> bool: ...
     def is_file(self, path: str) -> bool: ...
     def size(self, path: str) -> int: ...
@@ -226,6 +225,9 @@ class _Local(_Store):
 
     def parent(self, path: str) -> str:
         return os.path.dirname(os.path.realpath(path))
+
+    def relative(self, path: str, folder: str) -> str:
+        return os.path.relpath(self.key(path), self.key(folder))
 
     def is_dir(self, path: str) -> bool:
         return os.path.isdir(path)
@@ -332,6 +334,9 @@ class _Objects(_Store):
 
     def parent(self, path: str) -> str:
         return posixpath.dirname(path)
+
+    def relative(self, path: str, folder: str) -> str:
+        return path[len(folder) + 1:] if folder else path
 
     def call(self, location: Location, method: Callable[..., Any], *args: Any) -> Any:
         try:
