@@ -699,9 +699,10 @@ Inputs = str | Path | Sequence[str | Path] | Iterable[dict]
 
 
 def open_inputs(inputs: Inputs) -> list[Source]:
-    """Sources for paths (files, folders, `-` for standard input; each named relative to
-    the folder they share, so output bytes do not depend on how a path was typed), or one
-    source for Python data (an iterable of dicts, a `datasets.Dataset`)."""
+    """Sources for paths and URLs (files, folders, `-` for standard input, URL patterns
+    such as `s3://b/chats/*.jsonl`; each named relative to the folder they share, so
+    output bytes do not depend on how a path was typed), or one source for Python data
+    (an iterable of dicts, a `datasets.Dataset`)."""
     if isinstance(inputs, str | Path):
         inputs = [inputs]
     if hasattr(inputs, "features"):  # a datasets.Dataset: read in Arrow batches
@@ -714,14 +715,15 @@ def open_inputs(inputs: Inputs) -> list[Source]:
         return [python_source(itertools.chain([first], items))]
     given = [str(p) for p in itertools.chain([first], items) if isinstance(p, str | Path)]
     try:
-        files = [locate(p) for p in given if p != "-"]
+        entries = [[None] if p == "-" else locate(p).matches() for p in given]
     except StorageError as error:
         raise SourceError(f"input {error}") from None
-    if len(set(files)) != len(files) or len(given) - len(files) > 1:
+    found = [entry for matched in entries for entry in matched]
+    files = [entry for entry in found if entry is not None]
+    if len(set(files)) != len(files) or len(found) - len(files) > 1:
         raise SourceError("an input is given twice")
     names = _names(files)
-    located = iter(files)
-    return [open_source(p) if p == "-" else open_source(file := next(located), names[file]) for p in given]
+    return [open_source("-") if entry is None else open_source(entry, names[entry]) for entry in found]
 
 
 def _names(files: list[Location]) -> dict[Location, str]:

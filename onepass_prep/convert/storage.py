@@ -102,6 +102,11 @@ class Location:
     def parent(self) -> Location:
         return Location(self.store, self.store.parent(self.path))
 
+    def matches(self) -> list[Location]:
+        """The files a pattern (`s3://b/chats/*.jsonl.zst`) names, in order; a path
+        without `*?[` names itself. Local patterns are the shell's to expand."""
+        return [Location(self.store, path) for path in self.store.call(self, self.store.matches)]
+
     # reading
     def is_dir(self) -> bool:
         return self.store.call(self, self.store.is_dir)
@@ -191,6 +196,7 @@ class _Store(Protocol):
     def join(self, path: str, name: str) -> str: ...
     def parent(self, path: str) -> str: ...
     def relative(self, path: str, folder: str) -> str: ...
+    def matches(self, path: str) -> list[str]: ...
     def is_dir(self, path: str) -> bool: ...
     def is_file(self, path: str) -> bool: ...
     def size(self, path: str) -> int: ...
@@ -228,6 +234,9 @@ class _Local(_Store):
 
     def relative(self, path: str, folder: str) -> str:
         return os.path.relpath(self.key(path), self.key(folder))
+
+    def matches(self, path: str) -> list[str]:
+        return [path]
 
     def is_dir(self, path: str) -> bool:
         return os.path.isdir(path)
@@ -337,6 +346,15 @@ class _Objects(_Store):
 
     def relative(self, path: str, folder: str) -> str:
         return path[len(folder) + 1:] if folder else path
+
+    def matches(self, path: str) -> list[str]:
+        if not re.search(r"[*?\[]", path):
+            return [path]
+        self._bucket(path)
+        found = sorted(self.fs.glob(path))
+        if not found:
+            raise StorageError(f"{self.show(path)}: no file matches")
+        return found
 
     def call(self, location: Location, method: Callable[..., Any], *args: Any) -> Any:
         try:
