@@ -117,3 +117,8 @@ def test_every_input_kind_reads_from_s3_as_from_a_folder(s3, tmp_path):
         assert list(remote.records()) == list(local.records()), name
         assert list(remote.records(4)) == list(local.records(4)), name
     assert open_source("s3://kinds/hub").kind == "parquet-folder"
+
+
+def test_a_pattern_that_matches_nothing_is_one_line(chats):
+    with pytest.raises(ConvertError, match=r"^input s3://onepass/chats/\*\.parquet\.gz: no file matches$"):
+        convert([f"{chats.url}/*.parquet.gz"], f"s3://{BUCKET}/nothing", options())
