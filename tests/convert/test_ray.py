@@ -110,6 +110,7 @@ def test_the_driver_reads_no_record_bytes(chats, cluster, monkeypatch):
     heads (4 KB each, and the compressed blocks a zstd head needs) and Parquet footers,
     whatever their size; the workers count the JSONL lines, in blocks (made small here, so
     that chunks start inside blocks), and read the records."""
+    monkeypatch.setattr(plan, "STEP", 4 << 10)
     monkeypatch.setattr(plan, "BLOCK", 16 << 10)
     sizes = {path.name: path.stat().st_size for path in chats.files}
     before = storage.bytes_fetched()
