@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -64,9 +65,9 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
 
 @app.command("convert")
 def convert_command(
-    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help="Chats (OpenAI messages or ShareGPT): JSONL (also .gz, .zst), a JSON array, Parquet files or folders, a datasets.save_to_disk folder, or - for standard input."),
+    inputs: list[str] = typer.Argument(..., metavar="INPUT", help="Chats (OpenAI messages or ShareGPT): JSONL (also .gz, .zst), a JSON array, Parquet files or folders, a datasets.save_to_disk folder, or - for standard input; local paths or URLs (s3://, gs://, ...)."),
     model: str = typer.Option(..., "--model", "-m", metavar="MODEL", help="'qwen' (Qwen3, offline), a tokenizer folder or a hub id."),
-    out_dir: Path = typer.Option(..., "--out", "-o", metavar="OUT", help="Output folder for shards and manifest."),
+    out_dir: str = typer.Option(..., "--out", "-o", metavar="OUT", help="Output folder (or URL: s3://bucket/prefix, ...) for shards and manifest."),
     chat_template: Path | None = typer.Option(None, metavar="FILE", help="Jinja file that replaces the tokenizer's chat template."),
     think_tags: str = typer.Option("<think>,</think>", metavar="OPEN,CLOSE", help="Tags around inline reasoning: OPEN,CLOSE."),
     chat_template_kwargs: str | None = typer.Option(None, metavar="JSON", help="JSON object passed to every rendering, e.g. '{\"enable_thinking\": true}'; a record's own chat_template_kwargs go over it."),
@@ -133,7 +134,7 @@ def convert_command(
     if summary.tool_calls_dropped:
         console.print(f"[yellow]warning:[/yellow] {dropped_tool_calls_warning(summary.tool_calls_dropped, summary.tool_call_turns)}", highlight=False, soft_wrap=True)
     if summary.read and not summary.written:
-        _fail(ConvertError(f"every record was rejected; the reasons are in {out_dir / 'rejected.jsonl'}"), 1, debug)
+        _fail(ConvertError(f"every record was rejected; the reasons are in {os.path.join(out_dir, 'rejected.jsonl')}"), 1, debug)
 
 
 def _fail(error: Exception, status: int, debug: bool) -> NoReturn:
@@ -171,7 +172,7 @@ def dropped_tool_calls_warning(dropped: int, turns: int) -> str:
     )
 
 
-def summary_table(summary: ConvertSummary, out_dir: Path, packed: bool) -> Table:
+def summary_table(summary: ConvertSummary, out_dir: str, packed: bool) -> Table:
     table = Table(title=f"onepass-prep → {out_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -193,7 +194,7 @@ def summary_table(summary: ConvertSummary, out_dir: Path, packed: bool) -> Table
     table.add_row("turns with tool calls / trained without one", f"{summary.tool_call_turns:,} / {summary.tool_calls_dropped:,}")
     table.add_row("chat template rendered by", summary.render_engine)
     if summary.rejected:
-        table.caption = f"rejected records and reasons: {out_dir / 'rejected.jsonl'}"
+        table.caption = f"rejected records and reasons: {os.path.join(out_dir, 'rejected.jsonl')}"
     return table
 
 

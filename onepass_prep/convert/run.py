@@ -16,6 +16,7 @@ from onepass_prep.convert.ray_engine import ray_chunk_results
 from onepass_prep.convert.render import Renderer
 from onepass_prep.convert.shards import write_manifest
 from onepass_prep.convert.sources import Inputs, Source, SourceError, open_inputs
+from onepass_prep.convert.storage import Location, StorageError, locate
 from onepass_prep.convert.tokenizer import LoadedTokenizer, load_tokenizer
 from onepass_prep.convert.work import Rules, chunk_results, finish_chunk, read_chunks
 from onepass_prep.format import FORMAT_NAME, FORMAT_VERSION, NORMALIZATIONS, REJECTED, TRAIN_ON
@@ -91,7 +92,7 @@ def _fingerprint(options: ConvertOptions, inputs: list[Source], tokenizer_hash: 
     return {
         "options": _output_options(options),
         "inputs": [
-            [[str(f.resolve()) for f in i.files] or i.name, i.kind, i.file_bytes, i.fingerprint()] for i in inputs
+            [[f.key() for f in i.files] or i.name, i.kind, i.file_bytes, i.fingerprint()] for i in inputs
         ],
         "tokenizer": tokenizer_hash,
         "tool_version": __version__,
@@ -100,13 +101,14 @@ def _fingerprint(options: ConvertOptions, inputs: list[Source], tokenizer_hash: 
 
 def convert(
     inputs: Inputs,
-    out_dir: Path,
+    out_dir: Path | str,
     options: ConvertOptions,
     progress: Callable[[int, int | None], None] = lambda _bytes, _total: None,
 ) -> ConvertSummary:
-    """Convert `inputs` (paths of any kind docs/input.md lists, or Python data: an
-    iterable of dicts, a `datasets.Dataset`) into `out_dir`; `progress` hears of the
-    bytes of the records done and of their total where it is known (plain JSONL)."""
+    """Convert `inputs` (paths or URLs of any kind docs/input.md lists, or Python data: an
+    iterable of dicts, a `datasets.Dataset`) into `out_dir` (a folder or a URL);
+    `progress` hears of the bytes of the records done and of their total where it is
+    known (plain JSONL)."""
     if options.train_on not in TRAIN_ON:
         raise ConvertError(f"train_on {options.train_on!r} is not one of {', '.join(TRAIN_ON)}")
     if options.loss_normalization not in NORMALIZATIONS:
@@ -115,7 +117,8 @@ def convert(
         )
     try:
         files = open_inputs(inputs)
-    except SourceError as error:
+        out = locate(out_dir)
+    except (SourceError, StorageError) as error:
         raise ConvertError(str(error)) from None
     if options.resume and (once := next((f for f in files if not f.resumable), None)):
         raise ConvertError(
@@ -129,14 +132,12 @@ def convert(
         raise ConvertError(str(error)) from None
     renderer = Renderer(loaded.tokenizer, options.think_tags, options.chat_template_kwargs)
     try:
-        run = Checkpoint.start(
-            out_dir, _fingerprint(options, files, loaded.hash), options.overwrite, options.resume
-        )
-    except RunError as error:
+        run = Checkpoint.start(out, _fingerprint(options, files, loaded.hash), options.overwrite, options.resume)
+    except (RunError, StorageError, SourceError) as error:
         raise ConvertError(str(error)) from None
     try:
-        return _convert(files, out_dir, options, progress, loaded, renderer, run)
-    except SourceError as error:  # an input that broke while it was read (a truncated gzip)
+        return _convert(files, out, options, progress, loaded, renderer, run)
+    except (SourceError, StorageError) as error:  # an input that broke while read, a store that failed
         raise ConvertError(str(error)) from None
     finally:
         run.release()
@@ -144,7 +145,7 @@ def convert(
 
 def _convert(
     files: list[Source],
-    out_dir: Path,
+    out_dir: Location,
     options: ConvertOptions,
     progress: Callable[[int, int | None], None],
     loaded: LoadedTokenizer,
@@ -164,30 +165,39 @@ def _convert(
     where = {file.name: str(file.files[0]) if len(file.files) == 1 else file.name for file in files}
     sizes = [file.size for file in files]
     total = None if None in sizes else sum(size for size in sizes if size is not None)
-    chunks = read_chunks(files, options.records_per_shard, run.done.chunks, lambda size: progress(size, total))
+
+    def skipped(size: int) -> None:
+        progress(size, total)
+
     if options.engine == "ray":
         results = ray_chunk_results(
-            chunks, renderer, options.model, rules, out_dir, options.pack, options.num_proc, options.ray_address
+            files, options.records_per_shard, run.done.chunks, skipped, renderer, options.model, rules, out_dir,
+            options.pack, options.num_proc, options.ray_address,
         )
     else:
+        chunks = read_chunks(files, options.records_per_shard, run.done.chunks, skipped)
         results = (
             finish_chunk(chunk, found, out_dir, rules, options.pack)
             for chunk, found in chunk_results(chunks, renderer, options.model, rules, options.num_proc)
         )
-    with open(out_dir / REJECTED, "ab") as rejected:
-        for done in results:
-            if options.strict and done.rejections:
-                bad = done.rejections[0]
-                raise StrictError(f"{where[bad.source]}:{bad.line}: {bad.reason}")
-            for rejection in done.rejections:
-                rejected.write((json.dumps(rejection.to_json(), ensure_ascii=False) + "\n").encode())
-            rejected.flush()
-            _add_counts(summary, done.counts)
-            run.save(done.shard, rejected.tell(), _counts(summary))
-            progress(done.size, total)
+    rejected, rejected_bytes = out_dir / REJECTED, run.done.rejected_bytes
+    for done in results:
+        if options.strict and done.rejections:
+            bad = done.rejections[0]
+            raise StrictError(f"{where[bad.source]}:{bad.line}: {bad.reason}")
+        lines = b"".join(
+            (json.dumps(rejection.to_json(), ensure_ascii=False) + "\n").encode() for rejection in done.rejections
+        )
+        if lines:
+            rejected.append(lines)
+            rejected_bytes += len(lines)
+        _add_counts(summary, done.counts)
+        run.save(done.shard, rejected_bytes, _counts(summary))
+        progress(done.size, total)
     summary.shards = len(run.done.shards)
     reasoning_field = renderer.reasoning_field(options.chat_template_kwargs)
     run.drop_leftovers()
+    rejected.seal()
     write_manifest(out_dir, _manifest(loaded, reasoning_field, options, files, run.done.shards, summary))
     run.finish()
     return summary
@@ -245,7 +255,7 @@ def _manifest(
         },
         "options": _output_options(options),
         "inputs": [
-            {"name": file.name, "kind": file.kind, "bytes": file.file_bytes, "sha256": file.fingerprint()}
+            {"name": file.name, "kind": file.kind, "bytes": file.file_bytes, "sha256": file.sha256()}
             for file in inputs
         ],
         "shards": shards,

@@ -1,20 +1,21 @@
 """Write rows as Parquet shards (docs/FORMAT.md) and the manifest that marks a run complete.
 
-Shards are written under a temporary name and renamed when complete, and the manifest
-is written last, so an interrupted run never leaves a file that looks finished.
+Each file appears whole or not at all (a local one is written under a temporary name and
+renamed; an object is one PUT), and the manifest is written last, so an interrupted run
+never leaves a file that looks finished.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from onepass_prep.convert.pack import Row
+from onepass_prep.convert.storage import Location
 from onepass_prep.format import MANIFEST, SCHEMA, shard_name
 
 ROW_GROUP_ROWS = 64
@@ -51,25 +52,27 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-def write_shard(out_dir: Path, index: int, rows: list[Row]) -> dict:
+def write_shard(out_dir: Location, index: int, rows: list[Row]) -> dict:
     """Write shard `index` (every row of one input chunk; none if the chunk converted
-    nothing, so shard numbers stay those of the chunks) under a temporary name, then
-    rename it: a file under its final name is complete. The same rows give the same bytes,
-    so a chunk written twice (a retried or resumed one) leaves the same file."""
+    nothing, so shard numbers stay those of the chunks), whole or not at all. The same
+    rows give the same bytes, so a chunk written twice (a retried or resumed one) leaves
+    the same file."""
     name = shard_name(index)
-    temporary = out_dir / f"{name}.tmp{os.getpid()}"
-    try:
-        with pq.ParquetWriter(temporary, SCHEMA, compression="zstd") as writer:
+
+    def write(handle: IO[bytes]) -> None:
+        with pq.ParquetWriter(handle, SCHEMA, compression="zstd") as writer:
             for first in range(0, len(rows), ROW_GROUP_ROWS):
                 writer.write_table(rows_to_table(rows[first : first + ROW_GROUP_ROWS]), row_group_size=ROW_GROUP_ROWS)
-        os.replace(temporary, out_dir / name)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    (out_dir / name).put(write)
     return {"file": name, "rows": len(rows), "tokens": sum(len(row) for row in rows),
             "unshared": sum(row.unshared_tokens for row in rows)}
 
 
-def write_manifest(out_dir: Path, manifest: dict) -> None:
-    temporary = out_dir / (MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, out_dir / MANIFEST)
+def write_manifest(out_dir: Location, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(text.encode("utf-8"))
+
+    (out_dir / MANIFEST).put(write)

@@ -15,6 +15,10 @@ folder, in reading order; `dataset[number - 1]`), the item of a Python iterable.
 Rows of Parquet and Arrow data are read in batches, never as a whole table; JSON arrays
 are cut into records by a scanner that holds one record and one read chunk. Memory does
 not grow with the input.
+
+Files are read through `storage.Location`, so every kind reads the same from a local path
+or a URL (`s3://`, `gs://`, ...). A plain JSONL file can also be read from a byte offset
+(`Position`), which is how Ray workers read their own chunk of one (plan.py).
 """
 
 from __future__ import annotations
@@ -25,17 +29,33 @@ import io
 import itertools
 import json
 import os
+import posixpath
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
+
+from onepass_prep.convert.storage import Location, StorageError, locate
 
 Record = tuple[int, bytes]  # (number, raw JSON of one record)
+
+
+class Position(NamedTuple):
+    """Where reading a plain JSONL file starts: a byte offset and the number of the line
+    that holds that byte (a line begun before it is yielded from the offset on, under
+    its own number, and skipped by `Source.records` as a record before `start`)."""
+
+    offset: int = 0
+    number: int = 1
+
+
+START = Position()
 # Records in order, from number `start` on where the reader can skip cheaply (row groups,
-# Arrow batches), else from the first (text must be read to be skipped).
-Reader = Callable[[int], Iterator[Record]]
+# Arrow batches), else from the first (text must be read to be skipped), or from a
+# `Position` (plain JSONL).
+Reader = Callable[[int, Position], Iterator[Record]]
 
 # The columns of a Parquet or Arrow row that make a record; other columns are ignored.
 COLUMNS = ("id", "messages", "conversations", "tools", "chat_template_kwargs")
@@ -65,7 +85,8 @@ class Source:
     `arrow`, `save_to_disk`, `stdin`, `python`, `dataset`). `files` are the files read, in
     reading order; `file_bytes` their total size. `resumable` says whether `records` can
     be called again and give the same records (files can; standard input and Python
-    iterables cannot). `size` is the total length of the raw records, known before reading
+    iterables cannot); `origin` is where it was opened from, to open it again elsewhere
+    (a Ray worker). `size` is the total length of the raw records, known before reading
     only for plain JSONL files (the raw lines are the file), for byte-counted progress.
     """
 
@@ -74,15 +95,17 @@ class Source:
         name: str,
         kind: str,
         reader: Reader,
-        files: tuple[Path, ...] = (),
+        files: tuple[Location, ...] = (),
         size: int | None = None,
         count: Callable[[], int | None] = lambda: None,
+        origin: Location | None = None,
     ):
         self.name = name
         self.kind = kind
         self.files = files
+        self.origin = origin
         self.resumable = bool(files)
-        self.file_bytes = sum(path.stat().st_size for path in files) if files else None
+        self.file_bytes = sum(file.size() for file in files) if files else None
         self.size = size
         self._reader = reader
         self._count = count
@@ -91,39 +114,51 @@ class Source:
     def __repr__(self) -> str:
         return f"Source({self.name!r}, {self.kind!r})"
 
-    def records(self, start: int = 1, skipped: Callable[[int], None] | None = None) -> Iterator[Record]:
+    def records(
+        self, start: int = 1, skipped: Callable[[int], None] | None = None, at: Position = START
+    ) -> Iterator[Record]:
         """`(number, raw)` for every record numbered `start` or more, in order. Records
         before `start` are skipped as cheaply as the kind allows: Parquet and Arrow skip
-        whole files and row groups unread; text is read, and `skipped` (if given) is
-        called with the length of each raw record passed over, so that byte-counted
-        progress can start where a resumed run starts. A file that turns out corrupt or
-        truncated while it is read raises `SourceError`."""
+        whole files and row groups unread; text is read (from `at`, for plain JSONL), and
+        `skipped` (if given) is called with the length of each raw record passed over, so
+        that byte-counted progress can start where a resumed run starts. A file that turns
+        out corrupt or truncated while it is read raises `SourceError`."""
         number = 0
         try:
-            for number, raw in self._reader(start):
+            for number, raw in self._reader(start, at):
                 if number >= start:
                     yield number, raw
                 elif skipped is not None:
                     skipped(len(raw))
+        except StorageError as error:
+            raise SourceError(f"input {self.name}: {error}") from error
         except _read_errors() as error:
             where = f"after record {number}" if number >= start else f"before record {start}"
             raise SourceError(
                 f"input {self.name}: cannot read its {self.kind} data {where}: {_one_line(error)}"
             ) from error
 
-    def fingerprint(self) -> str | None:
-        """sha256 over the bytes of the files read, in reading order (what `--resume`
-        compares); None for an input that cannot be read again. Computed on first call."""
-        if not self.resumable:
+    def sha256(self) -> str | None:
+        """sha256 over the bytes of the files read, in reading order, for local files
+        (computed on first call); None for an input that cannot be read again, and for
+        one in an object store, whose bytes the driver of a Ray run does not read."""
+        if not self.resumable or not all(file.is_local for file in self.files):
             return None
         if self._sha256 is None:
             digest = hashlib.sha256()
-            for path in self.files:
-                with open(path, "rb") as handle:
+            for file in self.files:
+                with file.open() as handle:
                     while chunk := handle.read(CHUNK):
                         digest.update(chunk)
             self._sha256 = digest.hexdigest()
         return self._sha256
+
+    def fingerprint(self) -> str | None:
+        """What `--resume` compares: the sha256 of local files, the store's version of
+        each object (its ETag) for an object store's; None if it cannot be read again."""
+        if self.sha256() is not None or not self.resumable:
+            return self.sha256()
+        return ",".join(str(file.version()) for file in self.files)
 
     def count(self) -> int | None:
         """The number of records, where it is known without reading them: Parquet and
@@ -132,22 +167,30 @@ class Source:
         return self._count()
 
 
-def open_source(path: Path | str, name: str | None = None) -> Source:
-    """The source at `path`, recognised by what it holds, not by its name: `-` is standard
-    input (JSONL); a file is gzip or zstd-compressed (JSONL or a JSON array inside),
-    Parquet, Arrow, a JSON array (first non-space byte `[`) or else JSONL; a folder is a
-    `datasets.save_to_disk` folder or a folder of Parquet files. Anything else is a
-    `SourceError` naming the path and what it looks like."""
+def open_source(path: Location | Path | str, name: str | None = None) -> Source:
+    """The source at `path` (a local path or a URL), recognised by what it holds, not by
+    its name: `-` is standard input (JSONL); a file is gzip or zstd-compressed (JSONL or a
+    JSON array inside), Parquet, Arrow, a JSON array (first non-space byte `[`) or else
+    JSONL; a folder is a `datasets.save_to_disk` folder or a folder of Parquet files.
+    Anything else is a `SourceError` naming the path and what it looks like."""
     if str(path) == "-":
-        return Source(name or "<stdin>", "stdin", lambda _: _lines(sys.stdin.buffer))
-    path = Path(path)
-    name = name or str(path)
+        return Source(name or "<stdin>", "stdin", lambda _start, _at: _lines(sys.stdin.buffer))
+    try:
+        location = path if isinstance(path, Location) else locate(path)
+        source = _open_source(location, name or str(location))
+    except StorageError as error:
+        raise SourceError(f"input {error}") from None
+    source.origin = location
+    return source
+
+
+def _open_source(path: Location, name: str) -> Source:
     if path.is_dir():
         return _folder(path, name)
-    if not path.exists():
-        raise SourceError(f"input {path}: no such file or folder")
     if not path.is_file():
-        raise SourceError(f"input {path}: not a regular file (a pipe or device); save it to a file first")
+        if path.is_local and os.path.exists(str(path)):
+            raise SourceError(f"input {path}: not a regular file (a pipe or device); save it to a file first")
+        raise SourceError(f"input {path}: no such file or folder")
     head = _head(path)
     if head.startswith(ZIP):
         raise SourceError(f"input {path}: looks like a zip archive; unpack it and pass the files inside")
@@ -159,8 +202,7 @@ def open_source(path: Path | str, name: str | None = None) -> Source:
         if head.startswith(magic):
             what = "gzip" if suffix == ".gz" else "zstd"
             try:
-                with _decompressed(path, suffix) as stream:
-                    inner = stream.read(4096)
+                inner = _inner_head(path, suffix)
             except _read_errors() as error:
                 raise SourceError(f"input {path}: looks like {what}-compressed data, but cannot be read: {_one_line(error)}") from None
             if inner.startswith((PARQUET, ARROW_FILE, ARROW_STREAM, GZIP, ZSTD, *ZIP)):
@@ -168,7 +210,7 @@ def open_source(path: Path | str, name: str | None = None) -> Source:
             kind = _json_kind(inner)
             return Source(name, kind + suffix, _text_reader(path, kind, suffix), (path,))
     kind = _json_kind(head)
-    size = path.stat().st_size if kind == "jsonl" else None
+    size = path.size() if kind == "jsonl" else None
     return Source(name, kind, _text_reader(path, kind, ""), (path,), size)
 
 
@@ -182,12 +224,12 @@ def python_source(items: Iterable[Any], name: str = "<python>") -> Source:
     if kind == "Dataset":
         table = dataset.select_columns(_columns(name, "the dataset", dataset.column_names)).with_format("arrow")
 
-        def batches(start: int) -> Iterator[Record]:
+        def batches(start: int, _: Position) -> Iterator[Record]:
             return _numbered_rows(_skip_batches(table.iter(batch_size=ROWS_PER_BATCH), start), start)
 
         return Source(name, "dataset", batches, count=lambda: len(dataset))
 
-    def rows(_: int) -> Iterator[Record]:
+    def rows(_start: int, _at: Position) -> Iterator[Record]:
         for number, item in enumerate(items, start=1):
             yield number, _dump(arrow_row(item) if kind else item)
 
@@ -224,8 +266,8 @@ def arrow_row(row: dict) -> dict:
 # --- text: JSONL and JSON arrays, plain or compressed -------------------------------
 
 
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as handle:
+def _head(path: Location) -> bytes:
+    with path.open(sequential=False) as handle:
         return handle.read(4096)
 
 
@@ -233,28 +275,66 @@ def _json_kind(head: bytes) -> str:
     return "json" if head.removeprefix(UTF8_BOM).lstrip(b" \t\r\n").startswith(b"[") else "jsonl"
 
 
-def _decompressed(path: Path, suffix: str) -> io.BufferedIOBase:
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    import zstandard
+@contextmanager
+def _decompressed(path: Location, suffix: str) -> Iterator[IO[bytes]]:
+    with path.open() as raw:
+        if suffix == ".gz":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                yield stream  # type: ignore[misc]
+            return
+        import zstandard
 
-    reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-    return io.BufferedReader(reader, CHUNK)  # type: ignore[arg-type]
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+        with io.BufferedReader(reader, CHUNK) as buffered:  # type: ignore[arg-type]
+            yield buffered
 
 
-def _text_reader(path: Path, kind: str, suffix: str) -> Reader:
-    def read(_: int) -> Iterator[Record]:
-        with (_decompressed(path, suffix) if suffix else open(path, "rb")) as stream:
+def _inner_head(path: Location, suffix: str) -> bytes:
+    """The first 4096 bytes of compressed data, decompressed from the few compressed
+    blocks they need (the driver of a Ray run reads no more of an input than this)."""
+    with path.open(sequential=False) as raw:
+        if suffix == ".gz":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                return stream.read(4096)
+        import zstandard
+
+        decompressor = zstandard.ZstdDecompressor()
+        with decompressor.stream_reader(raw, read_size=16384, read_across_frames=True, closefd=False) as stream:
+            return stream.read(4096)
+
+
+@contextmanager
+def _plain(path: Location, offset: int) -> Iterator[IO[bytes]]:
+    with path.open() as stream:
+        stream.seek(offset)
+        yield stream
+
+
+def _text_reader(path: Location, kind: str, suffix: str) -> Reader:
+    def read(_: int, at: Position) -> Iterator[Record]:
+        with _decompressed(path, suffix) if suffix else _plain(path, at.offset) as stream:
             if kind == "json":
-                yield from enumerate(_ArrayScanner(stream).elements(), start=1)
+                yield from enumerate(_ArrayScanner(stream).elements(), start=1)  # type: ignore[arg-type]
             else:
-                yield from _lines(stream)
+                yield from _lines(stream, at.number)
 
     return read
 
 
-def _lines(stream: Iterable[bytes]) -> Iterator[Record]:
-    return enumerate(stream, start=1)
+def _lines(stream: Iterable[bytes], first: int = 1) -> Iterator[Record]:
+    return enumerate(stream, start=first)
+
+
+def count_lines(path: Location, offset: int, length: int, step: int) -> tuple[list[int], bool]:
+    """The newlines in each `step` bytes of `length` bytes of a plain JSONL file from
+    `offset`, and whether the last of those bytes is one: the counting pass that places a
+    Ray run's chunks in a file (plan.py), run by the workers on blocks of it, in parallel."""
+    counts, last = [], b"\n"
+    with _plain(path, offset) as stream:
+        while length > 0 and (block := stream.read(min(step, length))):
+            counts.append(block.count(b"\n"))
+            last, length = block[-1:], length - len(block)
+    return counts, last == b"\n"
 
 
 class _ArrayScanner:
@@ -391,19 +471,19 @@ class _ArrayScanner:
 # --- Parquet and Arrow ------------------------------------------------------------------
 
 
-def _parquet(name: str, kind: str, files: tuple[Path, ...]) -> Source:
+def _parquet(name: str, kind: str, files: tuple[Location, ...]) -> Source:
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(files[0])
+        schema = parquet_footer(files[0]).schema.to_arrow_schema()
     except _read_errors() as error:
         raise SourceError(f"input {name}: {files[0].name} looks like Parquet, but cannot be read: {_one_line(error)}") from None
     _columns(name, files[0].name, schema.names)
 
-    def read(start: int) -> Iterator[Record]:
+    def read(start: int, _: Position) -> Iterator[Record]:
         offset = 0  # rows before the current file
         for path in files:
-            with pq.ParquetFile(path) as parquet:
+            with path.open(sequential=False) as handle, pq.ParquetFile(handle) as parquet:
                 rows = parquet.metadata.num_rows
                 if offset + rows < start:
                     offset += rows
@@ -422,12 +502,30 @@ def _parquet(name: str, kind: str, files: tuple[Path, ...]) -> Source:
                 offset += rows
 
     def count() -> int:
-        return sum(pq.read_metadata(path).num_rows for path in files)
+        return sum(parquet_footer(path).num_rows for path in files)
 
     return Source(name, kind, read, files, count=count)
 
 
-def _arrow(name: str, kind: str, files: tuple[Path, ...]) -> Source:
+def parquet_footer(path: Location) -> Any:
+    """A Parquet file's metadata (`pyarrow.parquet.FileMetaData`), fetched alone: its
+    last 8 bytes, then the footer they give the length of (a reader asked for the
+    metadata fetches the file's last 64 KB, which for a small file is all of it)."""
+    import pyarrow.parquet as pq
+
+    with path.open(sequential=False) as handle:
+        size = handle.seek(0, io.SEEK_END)
+        handle.seek(max(size - 8, 0))
+        tail = handle.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if len(tail) < 8 or tail[4:] != PARQUET or length > size - 12:
+            raise OSError(f"no Parquet footer at the end of its {size} bytes")
+        handle.seek(size - 8 - length)
+        footer = handle.read(length)
+    return pq.read_metadata(io.BytesIO(PARQUET + footer + tail))
+
+
+def _arrow(name: str, kind: str, files: tuple[Location, ...]) -> Source:
     """Arrow IPC files, stream format (what `datasets` writes) or file format."""
     try:
         with _arrow_batches(files[0]) as (schema, _):
@@ -436,7 +534,7 @@ def _arrow(name: str, kind: str, files: tuple[Path, ...]) -> Source:
         raise SourceError(f"input {name}: {files[0].name} looks like Arrow, but cannot be read: {_one_line(error)}") from None
     _columns(name, files[0].name, names)
 
-    def read(start: int) -> Iterator[Record]:
+    def read(start: int, _: Position) -> Iterator[Record]:
         number = 1  # of the next row
         for path in files:
             with _arrow_batches(path) as (schema, batches):
@@ -460,19 +558,19 @@ def _arrow(name: str, kind: str, files: tuple[Path, ...]) -> Source:
 
 
 @contextmanager
-def _arrow_batches(path: Path) -> Iterator[tuple[Any, Iterator[Any]]]:
-    """(schema, batches) of a memory-mapped Arrow file, stream format (what `datasets`
-    writes) or file format: reading them copies nothing."""
+def _arrow_batches(path: Location) -> Iterator[tuple[Any, Iterator[Any]]]:
+    """(schema, batches) of an Arrow file, stream format (what `datasets` writes) or file
+    format, read a batch at a time."""
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as memory:
-        if memory.read(6) == ARROW_FILE:
-            memory.seek(0)
-            reader = pa.ipc.open_file(memory)
+    with path.open() as handle:
+        if handle.read(6) == ARROW_FILE:
+            handle.seek(0)
+            reader = pa.ipc.open_file(handle)
             yield reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
         else:
-            memory.seek(0)
-            stream = pa.ipc.open_stream(memory)
+            handle.seek(0)
+            stream = pa.ipc.open_stream(handle)
             yield stream.schema, iter(stream)
 
 
@@ -508,16 +606,16 @@ def _numbered_rows(batches: Iterator[Any], first: int) -> Iterator[Record]:
 # --- folders ----------------------------------------------------------------------------
 
 
-def _folder(path: Path, name: str) -> Source:
+def _folder(path: Location, name: str) -> Source:
     if (path / "dataset_dict.json").is_file():
-        splits = sorted(entry.name for entry in path.iterdir() if (entry / "state.json").is_file())
+        splits = sorted(entry for entry in path.children() if (path / entry / "state.json").is_file())
         raise SourceError(
             f"input {path}: a datasets DatasetDict folder (splits: {', '.join(splits)}); "
             f"pass one split's folder, e.g. {path / (splits[0] if splits else 'train')}"
         )
     if (path / "state.json").is_file():
         try:
-            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+            state = json.loads((path / "state.json").read_bytes().decode("utf-8"))
             files = tuple(path / entry["filename"] for entry in state["_data_files"])
         except (ValueError, KeyError, TypeError) as error:
             raise SourceError(f"input {path}: a save_to_disk folder whose state.json cannot be read ({error})") from None
@@ -525,13 +623,12 @@ def _folder(path: Path, name: str) -> Source:
         if missing or not files:
             raise SourceError(f"input {path}: a save_to_disk folder missing its data files ({', '.join(missing) or 'none listed'})")
         return _arrow(name, "save_to_disk", files)
-    found = (file.relative_to(path) for file in path.rglob("*.parquet"))
-    parquet = sorted(
-        (path / file for file in found if not any(part.startswith(".") for part in file.parts)),
-        key=lambda file: file.relative_to(path).as_posix(),
+    parquet = tuple(
+        path / file for file in sorted(path.files())
+        if file.endswith(".parquet") and not any(part.startswith(".") for part in file.split("/"))
     )  # hidden folders (a download cache) left out
     if not parquet:
-        what = sorted({file.suffix or file.name for file in path.iterdir()})
+        what = sorted({os.path.splitext(entry)[1] or entry for entry in path.children()})
         raise SourceError(
             f"input {path}: a folder, but neither a datasets.save_to_disk folder (no state.json) "
             f"nor one with .parquet files (it holds: {', '.join(what) or 'nothing'})"
@@ -542,7 +639,7 @@ def _folder(path: Path, name: str) -> Source:
             f"input {path}: holds Parquet files of several splits ({', '.join(splits)}); "
             "pass the files or folder of one"
         )
-    return _parquet(name, "parquet-folder", tuple(parquet))
+    return _parquet(name, "parquet-folder", parquet)
 
 
 # --- Python -----------------------------------------------------------------------------
@@ -602,9 +699,10 @@ Inputs = str | Path | Sequence[str | Path] | Iterable[dict]
 
 
 def open_inputs(inputs: Inputs) -> list[Source]:
-    """Sources for paths (files, folders, `-` for standard input; each named relative to
-    the folder they share, so output bytes do not depend on how a path was typed), or one
-    source for Python data (an iterable of dicts, a `datasets.Dataset`)."""
+    """Sources for paths and URLs (files, folders, `-` for standard input, URL patterns
+    such as `s3://b/chats/*.jsonl`; each named relative to the folder they share, so
+    output bytes do not depend on how a path was typed), or one source for Python data
+    (an iterable of dicts, a `datasets.Dataset`)."""
     if isinstance(inputs, str | Path):
         inputs = [inputs]
     if hasattr(inputs, "features"):  # a datasets.Dataset: read in Arrow batches
@@ -615,9 +713,28 @@ def open_inputs(inputs: Inputs) -> list[Source]:
         raise SourceError("no inputs given")
     if not isinstance(first, str | Path):
         return [python_source(itertools.chain([first], items))]
-    paths = [Path(p) for p in itertools.chain([first], items) if isinstance(p, str | Path)]
-    files = [p.resolve() for p in paths if str(p) != "-"]
-    if len(set(files)) != len(files) or len(paths) - len(files) > 1:
+    given = [str(p) for p in itertools.chain([first], items) if isinstance(p, str | Path)]
+    try:
+        entries = [[None] if p == "-" else locate(p).matches() for p in given]
+    except StorageError as error:
+        raise SourceError(f"input {error}") from None
+    found = [entry for matched in entries for entry in matched]
+    files = [entry for entry in found if entry is not None]
+    if len(set(files)) != len(files) or len(found) - len(files) > 1:
         raise SourceError("an input is given twice")
-    base = Path(os.path.commonpath([f.parent for f in files])) if files else Path.cwd()
-    return [open_source(p, None if str(p) == "-" else str(p.resolve().relative_to(base))) for p in paths]
+    names = _names(files)
+    return [open_source("-") if entry is None else open_source(entry, names[entry]) for entry in found]
+
+
+def _names(files: list[Location]) -> dict[Location, str]:
+    """Each file named relative to the folder all share, so that output bytes do not
+    depend on how a path was typed (or on the bucket a URL names); by its full URL where
+    the inputs are in several stores."""
+    if len({file.store for file in files}) > 1:
+        return {file: str(file) for file in files}
+    parents = [file.parent() for file in files]
+    if files and files[0].is_local:
+        base = locate(os.path.commonpath([parent.key() for parent in parents]))
+    elif files:
+        base = Location(files[0].store, posixpath.commonpath([parent.path for parent in parents]))
+    return {file: file.relative_to(base) for file in files}

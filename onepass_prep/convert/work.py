@@ -4,15 +4,15 @@ or on worker processes, always handing results back in input order."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from onepass_prep.convert.loss import Normalization
 from onepass_prep.convert.pack import pack
@@ -21,6 +21,7 @@ from onepass_prep.convert.render import Rendered, Renderer, Sample
 from onepass_prep.convert.shards import write_shard
 from onepass_prep.convert.share import shared_trees
 from onepass_prep.convert.sources import Source
+from onepass_prep.convert.storage import Location
 from onepass_prep.convert.tokenizer import load_tokenizer
 from onepass_prep.convert.tree import Layout, layout_samples
 
@@ -165,26 +166,32 @@ def read_chunks(
     sources: list[Source], records: int, first_chunk: int, skipped: Callable[[int], None]
 ) -> Iterator[Chunk]:
     """The input, source after source, cut into chunks of `records` records (the last may
-    be shorter), each in batches of about a megabyte; chunks before `first_chunk` are read
-    past (their bytes reported to `skipped`)."""
-    index, number, batches, batch, size = 0, 0, [], [], 0
-    for source in sources:
-        for record_number, raw in source.records():
-            number += 1
-            if index < first_chunk:
-                skipped(len(raw))
-            else:
-                batch.append((source.name, record_number, raw))
-                size += len(raw)
-                if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
-                    batches.append(batch)
-                    batch, size = [], 0
-            if number == records:
-                if index >= first_chunk:
-                    yield Chunk(index, batches + [batch] * bool(batch))
-                index, number, batches, batch, size = index + 1, 0, [], [], 0
-    if number and index >= first_chunk:
-        yield Chunk(index, batches + [batch] * bool(batch))
+    be shorter); chunks before `first_chunk` are read past (their bytes reported to
+    `skipped`). Ray workers read the same chunks by plan (plan.py)."""
+    lines = ((source.name, number, raw) for source in sources for number, raw in source.records())
+    for index in itertools.count():
+        chunk = make_chunk(index, itertools.islice(lines, records))
+        if chunk is None:
+            return
+        if index < first_chunk:
+            skipped(chunk.size)
+        else:
+            yield chunk
+
+
+def make_chunk(index: int, lines: Iterable[Line]) -> Chunk | None:
+    """A chunk of these lines, in batches of about a megabyte; None if there are none."""
+    batches: list[list[Line]] = []
+    batch: list[Line] = []
+    size = 0
+    for line in lines:
+        batch.append(line)
+        size += len(line[2])
+        if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
+            batches.append(batch)
+            batch, size = [], 0
+    batches += [batch] * bool(batch)
+    return Chunk(index, batches) if batches else None
 
 
 @dataclass
@@ -200,7 +207,7 @@ class ChunkResult:
 
 
 def finish_chunk(
-    chunk: Chunk, results: list[Converted | Rejection], out_dir: Path, rules: Rules, packed: bool
+    chunk: Chunk, results: list[Converted | Rejection], out_dir: Location, rules: Rules, packed: bool
 ) -> ChunkResult:
     """Share prefixes among a chunk's conversations, pack them and write the chunk's shard:
     the same bytes wherever it runs."""

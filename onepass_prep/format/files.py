@@ -60,10 +60,19 @@ def lock_holder(folder: Path) -> dict | None:
     `alive` is False only when the holder is known to be gone (same host, no such
     process); a lock from another host may be held."""
     try:
-        holder = json.loads((folder / LOCK).read_text(encoding="utf-8"))
+        text = (folder / LOCK).read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except OSError:
+        text = ""
+    return judge_lock(text)
+
+
+def judge_lock(text: str) -> dict:
+    """{"pid", "host", "alive"} of the lock file whose text this is (see `lock_holder`)."""
+    try:
+        holder = json.loads(text)
+    except ValueError:
         holder = {}
     if not isinstance(holder, dict):
         holder = {}

@@ -1,7 +1,10 @@
-"""`--engine ray` on a local Ray cluster the run starts (2 CPUs): the same bytes as the
-local engine, with 1 and 2 workers, when a worker is killed mid-run, and after an
-interrupted run is resumed. Real processes throughout: the CLI, Ray's workers, signals; each run has a hard bound
-(BOUND seconds) past which it fails and its whole session is killed."""
+"""`--engine ray` on a Ray cluster of two nodes on this machine (`ray start --head` and a
+second `ray start --address`, one CPU each), the driver joining it with --ray-address;
+inputs and output on S3 (moto's server): the same bytes as the local engine's run of the
+same files, with 1 and 2 workers, when a worker is killed mid-run, and after an
+interrupted run is resumed; the driver reads no record bytes. One run on local files
+starts a Ray of its own. Real processes throughout: the CLI, Ray's workers, signals; each
+run has a hard bound (BOUND seconds) past which it fails and its whole session is killed."""
 
 from __future__ import annotations
 
@@ -13,87 +16,119 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
-import synth
 from helpers.paths import ROOT
 from helpers.processes import Bounded, run_bounded
+from helpers.stores import BUCKET, OPTIONS, comparable, folder_files, options, s3_files
+
+from onepass_prep.convert import convert, plan, storage
 
 pytest.importorskip("ray")
+pytest.importorskip("moto")
 BOUND = 300  # seconds for one run, Ray's start-up included
 
 
-def command(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "onepass_prep.cli", "convert", str(data), "--model", "qwen", "-o", str(out),
-            "--records-per-shard", "40", "--max-seq-len", "4096", *extra]
+def command(inputs: list[str], out: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "onepass_prep.cli", "convert", *inputs, "--model", "qwen", "-o", out,
+            *OPTIONS, "--engine", "ray", *extra]
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+def shards(out: str) -> int:
+    return len([name for name in s3_files(out) if name.startswith("part-")])
 
 
-@pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
-    """An input with a rejection in every chunk and conversations that share prefixes,
-    converted by the local engine."""
-    folder = tmp_path_factory.mktemp("ray")
-    data = synth.write_mixed(folder / "chats.jsonl", 400, seed=8, turns=2, scale=0.08)
-    lines = data.read_bytes().splitlines(keepends=True)
-    data.write_bytes(b"".join(b"{oops\n" + line if i % 37 == 0 else line for i, line in enumerate(lines)))
-    out = folder / "local"
-    assert run_bounded(command(data, out), BOUND, cwd=ROOT).returncode == 0
-    return data, folder_bytes(out)
-
-
-def ray_run_with_shards(data: Path, out: Path, count: int) -> Bounded:
-    """A two-worker Ray run, once it has written `count` shards."""
-    child = Bounded(command(data, out, "--engine", "ray", "--num-proc", "2"), BOUND, cwd=ROOT)
-    while len(list(out.glob("part-*.parquet"))) < count:
+def ray_run_with_shards(chats, cluster: str, out: str, count: int) -> Bounded:
+    """A two-worker run on the cluster, once it has written `count` shards."""
+    child = Bounded(command(chats.urls, out, "--num-proc", "2", "--ray-address", cluster), BOUND, cwd=ROOT)
+    while shards(out) < count:
         if child.process.poll() is not None:
             child.kill()
             pytest.fail("finished before it could be interrupted")
         child.check_time()
-        time.sleep(0.05)
+        time.sleep(0.1)
     return child
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_ray_writes_the_local_engines_bytes(local, tmp_path, workers):
-    data, expected = local
-    out = tmp_path / "out"
-    done = run_bounded(command(data, out, "--engine", "ray", "--num-proc", workers), BOUND, cwd=ROOT)
+def test_ray_on_two_nodes_writes_the_local_engines_bytes(chats, cluster, workers):
+    out = f"s3://{BUCKET}/ray-{workers}"
+    done = run_bounded(command(chats.urls, out, "--num-proc", workers, "--ray-address", cluster), BOUND, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert folder_bytes(out) == expected
-    assert len(expected) > 10  # many shards, the manifest and rejected.jsonl
-    tokens = json.loads(expected["manifest.json"])["tokens"]
-    assert tokens["one_pass"] < 0.9 * tokens["unshared"]  # conversations did share trees
+    assert comparable(s3_files(out)) == comparable(chats.expected)
 
 
-def ray_workers() -> list[int]:
-    """Pids of the processes running our Ray actors."""
-    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    return [int(line.split()[0]) for line in listing.splitlines() if "ray::ChunkConverter" in line]
-
-
-def test_a_killed_worker_is_replaced_and_the_bytes_do_not_change(local, tmp_path):
-    data, expected = local
+def test_ray_on_local_files_starts_its_own_ray(chats, tmp_path):
     out = tmp_path / "out"
-    with ray_run_with_shards(data, out, 1) as child:
-        victims = ray_workers()
+    files = [str(path) for path in chats.files]
+    done = run_bounded(command(files, str(out), "--num-proc", "2"), BOUND, cwd=ROOT,
+                       env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr
+    assert folder_files(out) == chats.expected
+
+
+def ray_workers(endpoint: str) -> list[int]:
+    """Pids of the processes running our Ray actors (on either node: they see our S3)."""
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    pids = [int(line.split()[0]) for line in listing.splitlines() if "ray::ChunkConverter" in line]
+    return [pid for pid in pids if endpoint.encode() in _environment(pid)]
+
+
+def _environment(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_a_killed_worker_is_replaced_and_the_bytes_do_not_change(chats, cluster, s3):
+    out = f"s3://{BUCKET}/ray-killed"
+    with ray_run_with_shards(chats, cluster, out, 1) as child:
+        victims = ray_workers(s3["AWS_ENDPOINT_URL"])
         assert victims
         os.kill(victims[0], signal.SIGKILL)
         _, stderr = child.communicate()
     assert child.process.returncode == 0, stderr
-    assert folder_bytes(out) == expected
+    assert comparable(s3_files(out)) == comparable(chats.expected)
 
 
-def test_an_interrupted_ray_run_resumes_to_the_same_bytes(local, tmp_path):
-    data, expected = local
-    out = tmp_path / "out"
-    with ray_run_with_shards(data, out, 3) as child:
+def test_an_interrupted_ray_run_resumes_to_the_same_bytes(chats, cluster):
+    out = f"s3://{BUCKET}/ray-resumed"
+    with ray_run_with_shards(chats, cluster, out, 3) as child:
         child.process.send_signal(signal.SIGINT)
         child.communicate()
     assert child.process.returncode == 130
-    assert not (out / "manifest.json").exists()
-    finished = run_bounded(command(data, out, "--engine", "ray", "--num-proc", "2", "--resume"), BOUND, cwd=ROOT)
+    assert "manifest.json" not in s3_files(out)
+    resumed = command(chats.urls, out, "--num-proc", "2", "--ray-address", cluster, "--resume")
+    finished = run_bounded(resumed, BOUND, cwd=ROOT)
     assert finished.returncode == 0, finished.stderr
-    assert folder_bytes(out) == expected
+    assert comparable(s3_files(out)) == comparable(chats.expected)
+
+
+def test_the_driver_reads_no_record_bytes(chats, cluster, monkeypatch):
+    """Counted in this process, the driver: what it fetches from the inputs is their
+    heads (4 KB each, and the compressed blocks a zstd head needs) and Parquet footers,
+    whatever their size; the workers count the JSONL lines, in blocks (made small here, so
+    that chunks start inside blocks), and read the records."""
+    monkeypatch.setattr(plan, "STEP", 4 << 10)
+    monkeypatch.setattr(plan, "BLOCK", 16 << 10)
+    sizes = {path.name: path.stat().st_size for path in chats.files}
+    before = storage.bytes_fetched()
+    convert(chats.urls, f"s3://{BUCKET}/ray-driver", options(engine="ray", num_proc=2, ray_address=cluster))
+    fetched = storage.bytes_fetched() - before
+    assert comparable(s3_files(f"s3://{BUCKET}/ray-driver")) == comparable(chats.expected)
+    assert sizes["a.jsonl"] > 8 * (16 << 10)  # several blocks, and far more than a head
+    footer = 8 + pq.read_metadata(chats.folder / "c.parquet").serialized_size
+    allowed = 3 * 4096 + sizes["b.jsonl.zst"] + 2 * footer  # heads, the zstd head's blocks, footers read twice
+    assert fetched <= allowed < sizes["a.jsonl"] / 2, (fetched, allowed, sizes)
+
+
+def test_python_data_is_read_by_the_driver_and_converted_alike(chats, cluster, tmp_path):
+    """Data only the driver can read (Python records, standard input) is sent to the
+    workers as records: the bytes are still the local engine's."""
+    records = [json.loads(line) for line in (chats.folder / "a.jsonl").read_bytes().splitlines()[:60]
+               if line.startswith(b"{\"")]
+    convert(records, tmp_path / "local", options(records_per_shard=20))
+    convert(records, tmp_path / "ray", options(records_per_shard=20, engine="ray", num_proc=2, ray_address=cluster))
+    assert folder_files(tmp_path / "ray") == folder_files(tmp_path / "local")
+    assert len(folder_files(tmp_path / "ray")) >= 5

@@ -238,7 +238,7 @@ def test_a_folder_of_parquet_files_is_read_by_name_across_subfolders(tmp_path):
     assert source.count() == len(SHAPES["openai"])
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in source.files)).hexdigest()
     assert source.fingerprint() == digest
-    assert source.file_bytes == sum(path.stat().st_size for path in source.files)
+    assert source.file_bytes == sum(path.size() for path in source.files)
     resumes(source)
 
 
