@@ -161,6 +161,7 @@ def one_process(case: str, rows: list[dict]) -> dict:
 def run(rank: int, world: int, init: str, out: str) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # it re-plans every new sequence length (tests/torch/conftest.py)
     import onepass_prep.torch.head as head
 
     head.CHUNK_ELEMENTS = CHUNK * VOCAB

@@ -315,6 +315,7 @@ DDP_STREAM = textwrap.dedent(
     def run(rank, world, init, odd, out):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
         torch.set_num_threads(1)
+        torch.backends.mkldnn.enabled = False  # it re-plans every new sequence length
         from helpers.torch_models import tiny_model
         from onepass_prep.torch import (
             OnePassIterableDataset, forward_loss, install_mask_hook, step_denominator,
