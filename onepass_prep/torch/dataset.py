@@ -151,10 +151,17 @@ class OnePassIterableDataset(IterableDataset):
     Each epoch, every consumer draws the same seeded order of the epoch's rows: a
     permutation of the row groups, and rows shuffled within each group. Rank ``r`` of ``W``
     takes the contiguous slice ``[r*N//W, (r+1)*N//W)`` of that order, and DataLoader
-    worker ``w`` of ``K`` the same slice of its rank's rows. So every row is yielded once
-    per epoch, ranks' counts differ by at most one row (none when ``W`` divides ``N``), so
-    do a rank's workers', and each consumer reads a run of consecutive row groups, only
-    the first and last of them in part.
+    worker ``w`` of ``K`` the same cut of its rank's share. So every row is yielded once
+    per epoch, and each consumer reads a run of consecutive row groups, only the first and
+    last of them in part.
+
+    Every rank yields the same number of rows, ``ceil(N/W)``, and worker ``w`` of every rank
+    the same number, so every rank makes the same number of batches and a DDP or FSDP loop
+    cannot hang at the end of an epoch: a rank whose slice is a row short ends with a
+    padding row (``padding_row``: one token, nothing trained, weights and units 0), which
+    changes no loss, gradient or denominator. ``drop_last=True`` instead gives every rank
+    ``floor(N/W)`` rows, leaving out the last row of the ranks that have one more (as
+    ``DistributedSampler(drop_last=True)`` does).
 
     ``rank``/``world_size`` default to torch.distributed as initialised when the dataset is
     made, its epoch set, or (without workers) iterated: DataLoader workers do not see it.
@@ -170,6 +177,7 @@ class OnePassIterableDataset(IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
@@ -177,6 +185,7 @@ class OnePassIterableDataset(IterableDataset):
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.files = resolve_shards(source)
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.drop_last = drop_last
         self.epoch = 0
         self._units: list[tuple[int, int, int]] = []  # (file, row group, first row in file)
         self._columns: list[list[str]] = []
@@ -198,8 +207,9 @@ class OnePassIterableDataset(IterableDataset):
         self.epoch = epoch
         self._distributed = _distributed() or self._distributed
 
-    def _share(self) -> tuple[int, int]:
-        """This consumer's slice ``[start, stop)`` of the epoch's row order."""
+    def _share(self) -> tuple[int, int, int]:
+        """This consumer's slice ``[start, stop)`` of the epoch's row order, and how many
+        padding rows follow it."""
         rank, world = self.rank, self.world_size
         if rank is None or world is None:
             # DataLoader workers do not see torch.distributed: they use what the dataset
@@ -207,17 +217,25 @@ class OnePassIterableDataset(IterableDataset):
             rank, world = _distributed() or self._distributed or (0, 1)
         total = int(self._sizes.sum())
         start, stop = rank * total // world, (rank + 1) * total // world
+        # every rank's share: its slice, cut or padded to one count
+        share = total // world if self.drop_last else -(-total // world)
+        real = min(stop - start, share)
+        first, last = 0, share  # this consumer's positions in its rank's share
         worker = get_worker_info()
         if worker is not None:
-            count = stop - start
-            start, stop = (
-                start + worker.id * count // worker.num_workers,
-                start + (worker.id + 1) * count // worker.num_workers,
-            )
-        return start, stop
+            first, last = worker.id * share // worker.num_workers, (worker.id + 1) * share // worker.num_workers
+        padding = last - max(first, real) if last > real else 0
+        return start + min(first, real), start + min(last, real), padding
 
     def __iter__(self) -> Iterator[Row]:
-        start, stop = self._share()
+        start, stop, padding = self._share()
+        yield from self._rows(start, stop)
+        for _ in range(padding):
+            yield padding_row()
+
+    def _rows(self, start: int, stop: int) -> Iterator[Row]:
+        if start >= stop:
+            return
         order = np.arange(len(self._units))
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
@@ -236,6 +254,17 @@ class OnePassIterableDataset(IterableDataset):
                 within = np.random.default_rng([self.seed, self.epoch, unit]).permutation(within)
             for i in within[max(start - unit_start, 0) : stop - unit_start]:
                 yield rows[int(i)]
+
+
+def padding_row() -> Row:
+    """A row that trains nothing: token 0 (which every vocabulary has; the collator's default
+    padding), label -100, weight 0, units 0, one root segment. It evens ranks' counts."""
+    tokens = np.zeros(1, np.int32)
+    return {
+        "input_ids": tokens, "labels": np.full(1, -100, np.int32), "position_ids": tokens.copy(),
+        "loss_weights": np.zeros(1, np.float32), "loss_units": 0,
+        "mask_spec": {"seg_lens": np.ones(1, np.int32), "seg_parents": np.full(1, -1, np.int32)},
+    }
 
 
 def _distributed() -> tuple[int, int] | None:

@@ -13,6 +13,14 @@ Qwen3 vocabulary. The positions that matter are known before the forward (``labe
   next: no ``[T, V]`` logits or gradient ever exist at once.
 - **kept** (any other model): ``logits_to_keep`` = the positions that predict a trained
   token in any row of the batch; the model's own head runs on those only.
+
+Under FSDP2 (``fully_shard``) the head's weight is a sharded ``DTensor`` outside a forward.
+The chunked path reads it inside the model's call: where the head belongs to the model's own
+FSDP unit (the usual root, tied or not), that forward has gathered it (once per step, in the
+parameters' compute dtype under a ``MixedPrecisionPolicy``); where the head is an FSDP unit
+of its own, the chunks run in a method of the head registered with
+``register_fsdp_forward_method``, so FSDP's hooks gather it, and its gradient goes to FSDP's
+reduce-scatter either way.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 import torch
@@ -69,6 +78,8 @@ _KNOWN: dict[str, Callable[[Any], Transform | None]] = {
             ("qwen3_moe", "Qwen3MoeForCausalLM"), ("gemma", "GemmaForCausalLM"),
             ("olmo2", "Olmo2ForCausalLM"), ("phi3", "Phi3ForCausalLM"),
             ("smollm3", "SmolLM3ForCausalLM"), ("glm4", "Glm4ForCausalLM"),
+            ("olmo3", "Olmo3ForCausalLM"), ("qwen3_5", "Qwen3_5ForCausalLM"),
+            ("qwen3_next", "Qwen3NextForCausalLM"),
         ]
     },
     "gemma2.Gemma2ForCausalLM": _softcap,
@@ -80,12 +91,21 @@ _KNOWN: dict[str, Callable[[Any], Transform | None]] = {
 
 @dataclass(frozen=True)
 class OutputHead:
-    """A recognised head: ``transform(F.linear(hidden, weight, bias))`` is the model's logits."""
+    """A recognised head: ``transform(F.linear(hidden, linear.weight, linear.bias))`` is the
+    model's logits. ``weight``/``bias`` are read when asked: under FSDP2 they are whole only
+    inside the model's (or the head's) forward."""
 
     body: nn.Module
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    linear: nn.Linear
     transform: Transform | None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
 
 
 def _unwrap(model: nn.Module) -> Any:
@@ -133,8 +153,9 @@ def output_head(model: nn.Module) -> OutputHead | None:
     Recognised: a model (or the module of a DDP wrapper) that runs the forward of one of the
     ForCausalLM classes of ``_KNOWN`` (a subclass that overrides ``forward`` is not), called
     as is or through pass-through wrappers only, whose ``get_output_embeddings()`` is a plain
-    ``nn.Linear`` (tied or not) with whole, ordinary weights (not FSDP-sharded DTensors, not
-    DeepSpeed ZeRO-3 placeholders).
+    ``nn.Linear`` (tied or not) with whole, ordinary weights, or weights that FSDP2 shards
+    (the model or the head is an ``FSDPModule``); not DeepSpeed ZeRO-3 placeholders, nor
+    tensor-parallel DTensors.
     """
     inner = _unwrap(model)
     key = _forward_key(inner)
@@ -142,12 +163,51 @@ def output_head(model: nn.Module) -> OutputHead | None:
         return None
     head = inner.get_output_embeddings()
     body = getattr(inner, "model", None)
-    if type(head) is not nn.Linear or not isinstance(body, nn.Module):
+    if _unsharded_class(head) is not nn.Linear or not isinstance(body, nn.Module):
         return None
     weight = head.weight
-    if type(weight.data) is not torch.Tensor or weight.dim() != 2 or weight.numel() == 0:
+    if type(weight.data) is not torch.Tensor and not _fsdp_gathers(inner, head):
         return None
-    return OutputHead(body, weight, head.bias, _KNOWN[key](inner))
+    if weight.dim() != 2 or weight.numel() == 0:
+        return None
+    return OutputHead(body, head, _KNOWN[key](inner))
+
+
+def _unsharded_class(module: nn.Module) -> type:
+    """The module's class, or the one FSDP2's ``FSDP<Class>(FSDPModule, Class)`` extends."""
+    kind = type(module)
+    if kind.__name__.startswith("FSDP") and len(kind.__bases__) == 2:
+        return kind.__bases__[1]
+    return kind
+
+
+def _fsdp_gathers(model: nn.Module, head: nn.Module) -> bool:
+    """Whether FSDP2 gathers the head's weight: the model or the head is an ``FSDPModule``."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or isinstance(head, FSDPModule)
+
+
+_HEAD_CALL = "_onepass_head_call"
+
+
+def _call_with_head(head: nn.Module, compute: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                    hidden: torch.Tensor) -> torch.Tensor:
+    """``compute(head, hidden)``; under FSDP's forward hooks where the head is an FSDP unit
+    (its weight gathered, cast to the compute dtype, its gradient reduce-scattered)."""
+    if not torch.distributed.is_available():
+        return compute(head, hidden)
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if not isinstance(head, FSDPModule):
+        return compute(head, hidden)
+    if _HEAD_CALL not in vars(head):
+        # ``compute`` is no tensor, so FSDP's input cast leaves it (and what it holds) alone
+        object.__setattr__(head, _HEAD_CALL, MethodType(lambda module, h, fn: fn(module, h), head))
+        register_fsdp_forward_method(head, _HEAD_CALL)
+    return getattr(head, _HEAD_CALL)(hidden, compute)
 
 
 def predicting_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,7 +307,18 @@ def _chunked(
         picked = hidden[rows, positions].to(device)
         targets = labels.to(device)[rows.to(device), positions.to(device) + 1]
         weights = loss_weights.to(device)[rows.to(device), positions.to(device) + 1]
-        totals.append(ChunkedHeadLoss.apply(picked, head.weight, head.bias, targets, weights, head.transform))
+
+        def compute(linear: nn.Module, rows_hidden: torch.Tensor) -> torch.Tensor:
+            # the head's weight as it is now: gathered where FSDP2 shards it
+            weight = linear.weight
+            if type(weight.data) is not torch.Tensor:
+                raise RuntimeError(
+                    f"the head's weight is a {type(weight.data).__name__} inside the model's "
+                    "forward: shard it with the model's own FSDP unit or as one of its own"
+                )
+            return ChunkedHeadLoss.apply(rows_hidden, weight, linear.bias, targets, weights, head.transform)
+
+        totals.append(_call_with_head(head.linear, compute, picked))
 
     # The call goes through the model itself, so its pre-hooks (the mask hook), DDP and any
     # wrapper see it as usual; its own head gets no position.

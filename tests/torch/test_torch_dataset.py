@@ -21,6 +21,9 @@ from helpers.torch_rows import random_row, write_run
 from torch.utils.data import DataLoader
 
 from onepass_prep.torch import OnePassCollator, OnePassDataset, OnePassIterableDataset
+from onepass_prep.torch.dataset import padding_row
+
+PADDING = padding_row()
 
 ROWS = 40
 
@@ -34,8 +37,19 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     return write_run(folder, rows, rows_per_shard=10, rows_per_group=3), rows
 
 
-def key(row: dict) -> tuple[int, ...]:
+PAD = "padding"
+
+
+def key(row: dict) -> tuple[int, ...] | str:
+    """The row's tokens, or PAD for the streaming dataset's padding row."""
+    columns = ("input_ids", "labels", "position_ids", "loss_weights")
+    if row["loss_units"] == 0 and all(np.array_equal(row[k], PADDING[k]) for k in columns):
+        return PAD
     return tuple(int(t) for t in row["input_ids"])
+
+
+def real(keys: list) -> list:
+    return [k for k in keys if k != PAD]
 
 
 def same_row(got: dict, want: dict) -> bool:
@@ -167,19 +181,23 @@ def shares(folder: Path, seed: int, world: int, workers: int, monkeypatch) -> tu
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_stream_gives_every_rank_and_worker_an_equal_share(uneven, seed, monkeypatch) -> None:
     """World sizes 1-4 with 0-3 workers: the consumers' rows, in consumer order, are the
-    one-consumer epoch order (every row once, reproducible); ranks' and a rank's workers'
-    counts differ by at most one; each consumer reads a run of consecutive row groups."""
+    one-consumer epoch order (every row once, reproducible); every rank the same count, its
+    workers' counts differing by at most one, alike on every rank; each consumer reads a run
+    of consecutive row groups."""
     (whole,), _ = shares(uneven, seed, 1, 0, monkeypatch)
     whole_rows = whole[0]
     groups = sum(pq.ParquetFile(path).num_row_groups for path in uneven.glob("*.parquet"))
     for world in (1, 2, 3, 4):
         for workers in (0, 1, 2, 3):
             ranks, read = shares(uneven, seed, world, workers, monkeypatch)
-            assert [row for rank in ranks for worker in rank for row in worker] == whole_rows
-            per_rank = [sum(len(worker) for worker in rank) for rank in ranks]
-            assert max(per_rank) - min(per_rank) <= 1, per_rank
+            assert real([row for rank in ranks for worker in rank for row in worker]) == whole_rows
+            # every rank ceil(41 / world) rows, split alike over its workers: padding rows at
+            # the end of the ranks that are a row short
+            assert len({tuple(map(len, rank)) for rank in ranks}) == 1, ranks
+            assert sum(map(len, ranks[0])) == -(-41 // world)
             for rank in ranks:
                 assert max(map(len, rank)) - min(map(len, rank)) <= 1
+                assert PAD not in [row for worker in rank for row in worker][: len(real(sum(rank, [])))]
             # consecutive runs: read in consumer order, a group repeats only where one
             # consumer's run ends and the next one's begins
             runs = [group for n, group in enumerate(read) if n == 0 or read[n - 1] != group]
@@ -187,9 +205,82 @@ def test_stream_gives_every_rank_and_worker_an_equal_share(uneven, seed, monkeyp
     assert shares(uneven, seed, 1, 0, monkeypatch)[0][0][0] == whole_rows, "reproducible"
 
 
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, list[dict]]]:
+    """Runs of 1 to 13 weighted rows, row groups of 2."""
+    rng = np.random.default_rng(2)
+    runs = {}
+    for count in range(1, 14):
+        rows = [random_row(rng, int(rng.integers(1, 6)), weighted=True) for _ in range(count)]
+        runs[count] = write_run(tmp_path_factory.mktemp(f"rows{count}") / "run", rows, 5, 2), rows
+    return runs
+
+
+def batches_per_rank(folder: Path, world: int, workers: int, batch_size: int, drop_last: bool,
+                     monkeypatch) -> tuple[list[int], list[list[dict]]]:
+    """How many batches each rank's DataLoader makes (each worker batches its own rows), and
+    each rank's rows, with workers stood in for by their `get_worker_info`."""
+    from onepass_prep.torch import dataset as module
+
+    steps, rows = [], []
+    for rank in range(world):
+        count, mine = 0, []
+        for worker in range(max(workers, 1)):
+            info = None if workers == 0 else SimpleNamespace(id=worker, num_workers=workers)
+            monkeypatch.setattr(module, "get_worker_info", lambda info=info: info)
+            got = list(OnePassIterableDataset(folder, seed=1, rank=rank, world_size=world, drop_last=drop_last))
+            count += -(-len(got) // batch_size)
+            mine += got
+        steps.append(count)
+        rows.append(mine)
+    monkeypatch.undo()
+    return steps, rows
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_stream_every_rank_takes_the_same_steps_for_any_row_count(small_runs, drop_last, monkeypatch) -> None:
+    """1 to 13 rows over 2 ranks with 0, 1 or 2 workers, batches of 1 and 2: every rank makes
+    the same number of batches; padded, every row's units are counted exactly once in the
+    epoch (padding rows add none) and the ranks' rows are every row once; drop_last, no
+    padding and every rank floor(N/2) rows, none twice."""
+    for count, (folder, rows) in small_runs.items():
+        everything = Counter(key(row) for row in rows)
+        for workers in (0, 1, 2):
+            for batch_size in (1, 2):
+                steps, ranks = batches_per_rank(folder, 2, workers, batch_size, drop_last, monkeypatch)
+                assert steps[0] == steps[1], (count, workers, batch_size, steps)
+                assert steps[0] > 0 or (drop_last and count == 1)
+                got = [row for rank in ranks for row in rank]
+                units = sum(row["loss_units"] for row in got)
+                if drop_last:
+                    assert [len(rank) for rank in ranks] == [count // 2] * 2
+                    assert PAD not in map(key, got) and max(Counter(map(key, got)).values(), default=1) == 1
+                else:
+                    assert [len(rank) for rank in ranks] == [-(-count // 2)] * 2
+                    assert Counter(real([key(row) for row in got])) == everything
+                    assert units == sum(row["loss_units"] for row in rows)
+
+
+def test_map_dataset_with_distributed_sampler_repeats_rows_to_even_ranks(small_runs, tmp_path: Path) -> None:
+    """DistributedSampler gives every rank the same count too, but by repeating rows from the
+    start of the epoch's order: their units count twice in the epoch (docs/training.md), unless
+    drop_last leaves the tail out."""
+    from torch.utils.data import DistributedSampler
+
+    for count in (1, 5, 13):
+        dataset = OnePassDataset(small_runs[count][0], cache_dir=tmp_path)
+        for drop_last in (False, True):
+            samplers = [DistributedSampler(dataset, 2, rank, shuffle=False, drop_last=drop_last) for rank in (0, 1)]
+            indices = [list(sampler) for sampler in samplers]
+            assert len(indices[0]) == len(indices[1]) == (count // 2 if drop_last else -(-count // 2))
+            repeated = len(indices[0] + indices[1]) - len(set(indices[0] + indices[1]))
+            assert repeated == (0 if drop_last else count % 2)
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 def test_stream_workers_in_a_dataloader_split_a_rank_evenly(uneven) -> None:
-    """Real DataLoader workers (3 per rank, 3 ranks): every row once, equal shares."""
+    """Real DataLoader workers (3 per rank, 3 ranks): every row once, equal shares (41 rows:
+    one padding row on a rank)."""
     counts, seen = [], Counter()
     for rank in range(3):
         dataset = OnePassIterableDataset(uneven, seed=5, rank=rank, world_size=3)
@@ -197,7 +288,7 @@ def test_stream_workers_in_a_dataloader_split_a_rank_evenly(uneven) -> None:
         counts.append(len(got))
         seen.update(got)
     everything = Counter(key(row) for row in OnePassIterableDataset(uneven, shuffle=False))
-    assert seen == everything and sorted(counts) == [13, 14, 14]
+    assert seen == everything + Counter({PAD: 1}) and counts == [14, 14, 14]
 
 
 DDP_STREAM = textwrap.dedent(
@@ -211,19 +302,20 @@ DDP_STREAM = textwrap.dedent(
     import torch
     import torch.distributed as dist
     import torch.multiprocessing as mp
-    from torch.distributed.algorithms import Join
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
     from onepass_prep.torch import OnePassCollator
 
     COLLATE = OnePassCollator(pad_to_multiple_of=16)
 
-    def keyed(rows):  # the batch, and its rows' tokens to check that every row came once
-        return COLLATE(rows), [row["input_ids"].tolist() for row in rows]
+    def keyed(rows):  # the batch, and its rows to check that every row came once
+        return COLLATE(rows), [[row["input_ids"].tolist(), int(row["loss_units"])] for row in rows]
 
-    def run(rank, world, init, even, odd, out):
+    def run(rank, world, init, odd, out):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does
         torch.set_num_threads(1)
+        torch.backends.mkldnn.enabled = False  # it re-plans every new sequence length
         from helpers.torch_models import tiny_model
         from onepass_prep.torch import (
             OnePassIterableDataset, forward_loss, install_mask_hook, step_denominator,
@@ -231,28 +323,29 @@ DDP_STREAM = textwrap.dedent(
         # a collective that cannot complete fails in a minute, with the reason
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
-        model = tiny_model("qwen3", "sdpa")
-        install_mask_hook(model)
-        ddp = DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
         seen = {}
-        # even: 40 rows, a plain loop with an all-reduced denominator per step; odd: 41
-        # rows, one rank has a row more, so DDP's Join lets the other rank finish first
-        for name, folder in (("even", even), ("odd", odd)):
-            dataset = OnePassIterableDataset(folder, seed=3)  # rank and world from dist
+        # a plain loop, an all-reduced denominator per step, 41 rows (a padding row on one
+        # rank), under DDP and under FSDP2
+        for name, wrap in (("ddp", "ddp"), ("fsdp", "fsdp")):
+            model = tiny_model("qwen3", "sdpa")
+            install_mask_hook(model)
+            if wrap == "ddp":
+                model = DistributedDataParallel(model)
+            else:
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            dataset = OnePassIterableDataset(odd, seed=3)  # rank and world from dist
             dataset.set_epoch(1)
             loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=keyed)
             seen[name] = []
-            with Join([ddp], enable=name == "odd"):
-                for batch, keys in loader:
-                    if name == "even":
-                        denominator = step_denominator([batch])
-                    else:
-                        denominator = batch["loss_units"].sum()
-                    forward_loss(ddp, batch, denominator)[0].backward()
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    seen[name] += keys
+            for batch, keys in loader:
+                denominator = step_denominator([batch])
+                (forward_loss(model, batch, denominator)[0] * world).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                seen[name] += keys
         with open(f"{out}/{rank}.json", "w") as file:
             json.dump(seen, file)
         dist.barrier()
@@ -268,21 +361,25 @@ DDP_STREAM = textwrap.dedent(
 )
 
 
-def test_ddp_plain_loop_streams_a_whole_epoch(run, uneven, tmp_path: Path) -> None:
-    """Two gloo ranks, two DataLoader workers each, training a tiny model over the streaming
-    dataset for one epoch: every row once, equal shares (40 rows), and with 41 rows a row
-    more on one rank, which DDP's Join absorbs; the run cannot outlast its bound."""
+def test_ddp_and_fsdp2_plain_loops_stream_a_whole_epoch(uneven, tmp_path: Path) -> None:
+    """Two gloo ranks, two DataLoader workers each, a plain loop with a collective every step
+    (step_denominator) over the streaming dataset for one epoch, under DDP and FSDP2: every
+    row once, every row's units once, equal steps (41 rows: a padding row, units 0, on one
+    rank); a rank left waiting would fail the run at its bound."""
     script = tmp_path / "ddp_stream.py"
     script.write_text(DDP_STREAM)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [TESTS, ROOT]))}
     done = run_bounded(
-        [sys.executable, str(script), f"file://{tmp_path / 'rendezvous'}", str(run[0]), str(uneven), str(tmp_path)],
+        [sys.executable, str(script), f"file://{tmp_path / 'rendezvous'}", str(uneven), str(tmp_path)],
         240, env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
-    for name, folder in (("even", run[0]), ("odd", uneven)):
-        want = Counter(key(row) for row in OnePassIterableDataset(folder, shuffle=False))
-        got = [[tuple(tokens) for tokens in ranks[name]] for ranks in seen]
-        assert Counter(got[0] + got[1]) == want
-        assert sorted(map(len, got)) == ([20, 20] if name == "even" else [20, 21])
+    rows = list(OnePassIterableDataset(uneven, shuffle=False))
+    want = Counter(key(row) for row in rows)
+    for name in ("ddp", "fsdp"):
+        got = [[tuple(tokens) for tokens, _ in ranks[name]] for ranks in seen]
+        units = [sum(u for _, u in ranks[name]) for ranks in seen]
+        assert Counter(got[0] + got[1]) == want + Counter({(0,): 1}), name
+        assert len(got[0]) == len(got[1]) == 21
+        assert sum(units) == sum(row["loss_units"] for row in rows)
