@@ -102,8 +102,8 @@ def load_config(source: str) -> PreTrainedConfig:
 def _read_config(source: str, read) -> PreTrainedConfig:
     try:
         return read()
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{source}: cannot read a model config ({_line(error)})") from None
+    except Exception as error:  # transformers' own validators raise their own classes too
+        raise ValueError(f"{source}: cannot read a model config ({_line(error, 300)})") from None
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -163,6 +163,9 @@ def tiny_config(config: PreTrainedConfig, vocab: int = VOCAB, longest: int = 0) 
         name = aliases.get(field, field)
         if values.get(name) is not None:
             values[name] = value
+    for field in values:  # an encoder-decoder's decoder (BART, Whisper), as its causal LM builds it
+        if re.fullmatch(r"(encoder|decoder)_(attention_heads|ffn_dim|layers)", field) and values[field]:
+            values[field] = {"attention_heads": 4, "ffn_dim": 64, "layers": keep}[field.split("_", 1)[1]]
     layers_field = aliases.get("num_hidden_layers", "num_hidden_layers")
     if layers_field in values:
         values[layers_field] = keep
