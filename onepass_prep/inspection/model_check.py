@@ -173,12 +173,15 @@ def tiny_config(config: PreTrainedConfig, vocab: int = VOCAB, longest: int = 0) 
         if field.startswith("vocab_size") and isinstance(values[field], int):
             values[field] = vocab
     values.update(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if "num_key_value_heads" in values:
-        values["num_key_value_heads"] = 4 if kv_heads == heads else 2
-    if values.get("num_experts_per_tok"):
-        values["num_experts_per_tok"] = min(int(values["num_experts_per_tok"]), 2)
-    if values.get("first_k_dense_replace"):
-        values["first_k_dense_replace"] = 1
+    kv_field, top_k_field, dense_field = (
+        aliases.get(f, f) for f in ("num_key_value_heads", "num_experts_per_tok", "first_k_dense_replace")
+    )
+    if kv_field in values:
+        values[kv_field] = 4 if kv_heads == heads else 2
+    if values.get(top_k_field):
+        values[top_k_field] = min(int(values[top_k_field]), 2)
+    if values.get(dense_field):
+        values[dense_field] = 1
     if values.get("sliding_window") is not None:
         values["sliding_window"] = WINDOW
     if values.get("attention_chunk_size") is not None:

@@ -169,6 +169,7 @@ def test_a_missing_folder_is_named_and_an_unreachable_hub_fails_at_once(tmp_path
     result = cli("check-model", tmp_path / "no" / "such-model")
     assert result.exit_code == 1
     assert result.output == f"error: {tmp_path / 'no' / 'such-model'}: no such file or folder\n"
+    assert isinstance(cli("check-model", tmp_path / "no", "--debug").exception, ValueError)  # the traceback
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
     result = cli("check-model", "someone/some-model", columns=300)
