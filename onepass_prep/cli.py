@@ -326,22 +326,32 @@ def verify_command(
 @app.command("check-model")
 def check_model_command(
     source: str = typer.Argument(..., metavar="PATH", help="A model folder with config.json (or the file itself), or a hub id."),
+    debug: bool = typer.Option(False, help="On an error, show the traceback, not one line."),
 ) -> None:
     """Is one-pass training exact for this architecture? A tiny random-weight model of the
     config against N separate passes, per attention implementation: exit 0 if one is exact."""
     from onepass_prep.inspection.model_check import check_model, load_config
 
     try:
-        layers, verdicts = check_model(load_config(source))
+        report = check_model(load_config(source))
     except ValueError as error:
-        _fail(error, 1, debug=False)
+        _fail(error, 1, debug)
     out = Console(soft_wrap=True, highlight=False)
-    out.print(f"layers of the tiny model: {escape(layers)}")
+    shrunk = f" ({'; '.join(report.shrunk)})" if report.shrunk else ""
+    out.print(f"layers of the tiny model: {escape(report.layers)}{escape(shrunk)}")
     colour = {"exact": "green", "differs": "red", "refused": "yellow", "not available": "dim"}
-    for verdict in verdicts:
+    reasons: list[str] = []  # refusals and failures are long and shared: printed once, below
+    for verdict in report.verdicts:
+        detail = verdict.detail
+        if verdict.result in ("refused", "not available"):
+            if detail not in reasons:
+                reasons.append(detail)
+            detail = f"[{reasons.index(detail) + 1}]"
         result = f"[{colour[verdict.result]}]{verdict.result:<13}[/{colour[verdict.result]}]"
-        out.print(f"{verdict.implementation:<15} {result} {escape(verdict.detail)}")
-    if not any(v.result == "exact" for v in verdicts):
+        out.print(f"{verdict.implementation:<15} {result} {escape(detail)}")
+    for number, reason in enumerate(reasons, 1):
+        out.print(f"[{number}] {escape(reason)}")
+    if not any(v.result == "exact" for v in report.verdicts):
         raise typer.Exit(1)
 
 
