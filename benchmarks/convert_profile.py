@@ -5,12 +5,13 @@ a whole process (start-up included) on the conversion benchmark's chats:
     .venv/bin/python benchmarks/convert_profile.py --before /tmp/old   # and a checkout's convert, interleaved
     .venv/bin/python benchmarks/convert_profile.py --chats 20 --rounds 1   # checks it runs
 
-The profile is one convert process (and one of the --before checkout's) with each stage timed where it runs (wall and thread
-CPU time per stage and thread) and the CPU time of every thread of the process read from
-/proc (the tokenizer's own threads included). The ratio runs the floor (one
-`apply_chat_template(tokenize=True)` per chat, as in run.py, but as a process of its own
-that reads the JSONL and loads the tokenizer once) and convert as processes taking turns, best wall time of each, with
-their CPU time. Prints JSON, and writes it to --out if given.
+The profile is one convert process (and one of the --before checkout's) with each stage
+timed on the thread that runs it (wall and thread CPU time) and the CPU time of every
+thread of the process read from /proc (the tokenizer's own threads included). The ratio
+runs the floor (one `apply_chat_template(tokenize=True)` per chat, as in run.py, but as a
+process of its own that reads the JSONL and loads the tokenizer once) and convert as
+processes taking turns, best wall time of each, with its CPU time. Prints JSON, and
+writes it to --out if given.
 """
 
 from __future__ import annotations
