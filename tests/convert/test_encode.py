@@ -1,4 +1,8 @@
-"""Piecewise tokenization must give exactly the ids of tokenizing each text whole."""
+"""Piecewise tokenization must give exactly the ids of tokenizing each text whole, and
+so must the encoder's whole-text path (for tokenizers it cannot cut into pieces): both
+against the tokenizer's ordinary `encode`."""
+
+import copy
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,3 +30,6 @@ def test_piecewise_ids_equal_whole_text_ids(encoder, batch):
     assert encoder.piecewise
     whole = [encoder.backend.encode(t, add_special_tokens=False).ids for t in batch]
     assert [ids.tolist() for ids in encoder.encode(batch)] == whole
+    unsplit = copy.copy(encoder)
+    unsplit.piecewise = False
+    assert [ids.tolist() for ids in unsplit.encode(batch)] == whole
