@@ -113,6 +113,8 @@ SANDBOX_PROBES = {
     "loop": "{% for m in messages %}{{ loop.index }}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.previtem is defined }}{{ loop.cycle('a', 'b') }}{% endfor %}",
     "namespace": "{% set ns = namespace(n=0, s='x') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}{{ ns.s.upper() }}{{ ns.missing is defined }}",
     "namespace underscore": "{% set ns = namespace() %}{% set ns._x = 1 %}{{ ns._x }}",
+    # A name safe on one type and unsafe on another: the answers are per (type, name).
+    "one name, two types": "{% set ns = namespace(pop=1) %}{{ ns.pop }}|{{ messages.pop is defined }}",
     "tools and kwargs": "{{ tools[0].function.name if tools else 'none' }}{{ bos_token }}{{ eos_token }}{{ extra }}",
     "none and tuples": "{{ none.real is defined }}{{ (1, 2).count(1) }}{{ (1, 2).index is defined }}",
     "raise": "{{ raise_exception('refused: ' ~ messages|length) }}",
