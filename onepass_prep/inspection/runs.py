@@ -185,6 +185,23 @@ def read_row(run: Run, number: int) -> ShardRow:
     raise FormatError(f"{run.folder}: no row {number} (rows {first}..{last})")
 
 
+def rows_holding(run: Run, conversation_id: str) -> list[int]:
+    """Run-wide numbers of the rows (of the shards read) whose `conversation_ids` hold the
+    id, read from that column alone."""
+    found, number = [], run.first_row
+    for file, rows, _ in run.shards:
+        parquet = open_shard(file, rows, run.manifest["format_version"])
+        try:
+            for batch in parquet.iter_batches(batch_size=1024, columns=["conversation_ids"]):
+                for ids in batch.column(0).to_pylist():
+                    if conversation_id in ids:
+                        found.append(number)
+                    number += 1
+        except (OSError, pa.ArrowException) as error:
+            raise FormatError(f"{file}: cannot read Parquet ({error})") from None
+    return found
+
+
 def load_run_tokenizer(run: Run, model: str | None = None) -> tuple[LoadedTokenizer, bool]:
     """The run's tokenizer with the chat template the manifest recorded, and whether its
     hash matches the manifest's. `model` replaces the recorded name (e.g. a moved folder)."""
