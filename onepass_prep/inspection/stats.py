@@ -5,8 +5,10 @@ Attention work counts visible (query, key) pairs. One pass: every token sees its
 depth + 1 tokens, so a row costs sum(position_ids + 1). N passes: a sample of L tokens
 costs L(L+1)/2, and the shards do not store L. It is derived: a sample's trained tokens
 run to its end, so each trained run (a maximal stretch of labelled tokens) ends at depth
-L - 1. A row's derivation is exact when its runs' lengths add up to its `n_pass_tokens`;
-rows where they do not are counted and the N-pass figure is then marked inexact.
+L - 1, and the samples that end there are counted from `conversation_segments` (see
+`samples_per_run`: one, unless conversations share the tree). A row's derivation is
+exact when its samples' lengths add up to its `n_pass_tokens`; rows where they do not are
+counted and the N-pass figure is then marked inexact.
 
 The loss: the manifest's normalization and train-on setting, each trained turn's message
 weight (read back from `loss_weights` by undoing the normalization, `roles.run_weights`),
@@ -25,7 +27,7 @@ from rich.text import Text
 
 from onepass_prep.format import IGNORE_INDEX, loss_settings
 from onepass_prep.inspection.roles import run_weights, weight_text
-from onepass_prep.inspection.runs import Run, iter_rows
+from onepass_prep.inspection.runs import Run, ShardRow, iter_rows
 
 HISTOGRAM_BINS = 10
 WEIGHTS_LISTED = 10  # distinct message weights listed, the most common first
@@ -103,15 +105,93 @@ def compute_stats(run: Run) -> Stats:
         stats.tokens_n_pass += row.n_pass_tokens
         stats.tokens_trained += int((row.labels != IGNORE_INDEX).sum())
         stats.pairs_one_pass += int(row.position_ids.sum(dtype=np.int64)) + len(row)
-        ends = np.asarray([end for _, end in row.trained_runs], np.int64)
-        sample_lengths = row.position_ids[ends - 1].astype(np.int64) + 1
-        stats.trained_runs += len(ends)
-        stats.pairs_n_pass += int((sample_lengths * (sample_lengths + 1) // 2).sum())
-        stats.rows_not_derived += int(sample_lengths.sum()) != row.n_pass_tokens
+        stats.trained_runs += len(row.trained_runs)
+        counts = n_pass_counts(row, stats.loss["train_on"])
+        if counts is None:  # estimated: one sample per trained run
+            lengths = row.position_ids[[end - 1 for _, end in row.trained_runs]].astype(np.int64) + 1
+            counts = (0, int((lengths * (lengths + 1) // 2).sum()))
+            stats.rows_not_derived += 1
+        stats.pairs_n_pass += counts[1]
         stats.turn_weights.update(run_weights(row, stats.loss["normalization"]).tolist())
         stats.loss_units += row.loss_units
         stats.loss_weight_sum += float(row.loss_weights.sum(dtype=np.float64))
     return stats
+
+
+def n_pass_counts(row: ShardRow, train_on: str) -> tuple[int, int] | None:
+    """The tokens and attention pairs of the row's N-pass samples, or None where the row
+    does not determine them. A sample's trained tokens run to its end, so a trained run
+    ends at depth L - 1 of the samples that end with it. In a tree of one conversation one
+    sample ends at each run. Where conversations share a tree, a token several samples
+    train is kept once (docs/FORMAT.md, "Shared prefixes"): see `_shared_counts`."""
+    ends = np.asarray([end - 1 for _, end in row.trained_runs], np.int64)
+    lengths = row.position_ids[ends].astype(np.int64) + 1
+    owners = np.zeros(len(row.seg_lens), np.int64)
+    for owned in row.conversation_segments:
+        owners[owned] += 1
+    if (owners <= 1).all():
+        tokens, pairs = int(lengths.sum()), int((lengths * (lengths + 1) // 2).sum())
+        return (tokens, pairs) if tokens == row.n_pass_tokens else None
+    return _shared_counts(row, ends, lengths, owners, train_on)
+
+
+def _shared_counts(
+    row: ShardRow, ends: np.ndarray, lengths: np.ndarray, owners: np.ndarray, train_on: str
+) -> tuple[int, int] | None:
+    """`n_pass_counts` for a row with a shared tree. A conversation's samples pass through
+    its `conversation_segments`; in a segment one of them passes on from, every run is on
+    its path, and in a leaf of them its path ends at one of the segment's runs (a segment
+    can hold several runs: a node with one child continues its segment). With
+    `--train-on all` it has a sample at every run on its path (it renders the same turns
+    before it, and trains them), with `--train-on last` one, at its path's end: the
+    segment's last run where no other conversation uses the segment. Where one does, the
+    ends that make the samples' tokens add up to the row's
+    `n_pass_tokens` are taken, when they agree on the pairs; else None (as where a
+    weight-0 turn of one conversation is a turn another trains)."""
+    pairs_of = lengths * (lengths + 1) // 2
+    segment_of_run = row.segment_of[ends]
+    first = np.searchsorted(segment_of_run, np.arange(len(row.seg_lens)), side="left")
+    last = np.searchsorted(segment_of_run, np.arange(len(row.seg_lens)), side="right")
+    tokens = pairs = 0
+    reachable: dict[int, set[int]] = {0: {0}}  # more tokens -> the pairs they come with
+    for owned in row.conversation_segments:
+        passed_on = set(row.seg_parents[owned].tolist())
+        for segment in owned.tolist():
+            runs = slice(int(first[segment]), int(last[segment]))
+            if runs.start == runs.stop:
+                continue
+            if segment in passed_on:
+                if train_on != "last":
+                    tokens += int(lengths[runs].sum())
+                    pairs += int(pairs_of[runs].sum())
+                continue
+            if owners[segment] == 1:  # its own segment: its path ends at the last run
+                runs = slice(runs.start if train_on != "last" else runs.stop - 1, runs.stop)
+                tokens += int(lengths[runs].sum())
+                pairs += int(pairs_of[runs].sum())
+                continue
+            if train_on == "last":
+                choices = set(zip(lengths[runs].tolist(), pairs_of[runs].tolist(), strict=True))
+            else:
+                choices = set(zip(np.cumsum(lengths[runs]).tolist(), np.cumsum(pairs_of[runs]).tolist(), strict=True))
+            combined = _combined(reachable, choices)
+            if combined is None:
+                return None
+            reachable = combined
+    found = reachable.get(row.n_pass_tokens - tokens)
+    if found is None or len(found) != 1:
+        return None
+    return row.n_pass_tokens, pairs + found.pop()
+
+
+def _combined(reachable: dict[int, set[int]], choices: set[tuple[int, int]]) -> dict[int, set[int]] | None:
+    """Every (tokens, pairs) reachable with one more choice; None past 4096 token sums (the
+    row is then not derived rather than slow)."""
+    out: dict[int, set[int]] = {}
+    for more, known_pairs in reachable.items():
+        for extra, added in choices:
+            out.setdefault(more + extra, set()).update(known + added for known in known_pairs)
+    return out if len(out) <= 1 << 12 else None
 
 
 def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:

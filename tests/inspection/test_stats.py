@@ -1,13 +1,15 @@
 """`onepass-prep stats` against independent counts: N-pass samples rendered straight with
 `apply_chat_template` (tests/reference.py) and masks built by the FORMAT.md rule."""
 
+import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.paths import SAMPLE, TEMPLATES
 from helpers.reference import dense_mask, source_samples
-from helpers.runs import cli, converted, rows
+from helpers.runs import cli, converted, rows, write_jsonl
 
 from onepass_prep.inspection.runs import iter_rows, open_run
 
@@ -42,9 +44,9 @@ def stats_json(out) -> dict:
 @pytest.mark.parametrize("template", ["qwen3", "keep", "strip"])
 def test_trained_runs_are_the_n_pass_samples(template):
     """The derivation stats relies on, proved on real layouts: per conversation, the trained
-    runs are the samples with trained tokens, and each ends at depth len(sample) - 1. (A
-    tree that conversations share does not derive: stats counts it in rows_not_derived;
-    under the strip template the sample chats share their system prompts.)"""
+    runs are the samples with trained tokens, and each ends at depth len(sample) - 1. (In a
+    tree that conversations share several samples can end at one run: see
+    test_n_pass_pairs_of_shared_trees_are_exact.)"""
     out = converted(f"no-pack-unshared-{template}", "--no-pack", "--no-share-prefixes", *template_options(template))
     expected = reference_samples(template)
     for row in iter_rows(open_run(out)):
@@ -166,3 +168,42 @@ def test_stats_reports_the_audits_of_dropped_reasoning_and_tool_calls(tmp_path):
     assert stats["reasoning_audit"] == {"turns_with_reasoning": 1, "reasoning_dropped": 1}
     table = cli("stats", out).output
     assert table_cells(table, "tool calls dropped")[1] == "2 of 2 turns"
+
+
+SHARED_CHATS = 6  # sample chats of several turns that test_n_pass_pairs_of_shared_trees_are_exact copies
+
+
+@pytest.fixture(scope="module")
+def shared_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first sample chats of several turns, each with a copy that ends after its first
+    assistant turn and a copy whose last answer differs: trees that conversations share,
+    with branches at a turn and conversations that end inside another's path."""
+    records = []
+    for line in SAMPLE.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        turns = [i for i, message in enumerate(record.get("messages", [])) if message["role"] == "assistant"]
+        if len(turns) < 2 or len(records) == 3 * SHARED_CHATS:
+            continue
+        other = copy.deepcopy(record["messages"])
+        other[turns[-1]]["content"] = "A different answer."
+        records += [record, {**record, "id": record["id"] + "-first", "messages": record["messages"][: turns[0] + 1]},
+                    {**record, "id": record["id"] + "-other", "messages": other}]
+    path = tmp_path_factory.mktemp("shared") / "shared.jsonl"
+    write_jsonl(path, records)
+    return path
+
+
+def test_n_pass_pairs_of_shared_trees_are_exact(shared_input):
+    """Trees that conversations share (under the strip template, which the sample's system
+    prompts, first turns and prompts with two answers make): the N-pass tokens and pairs
+    are derived exactly, equal to those of the samples rendered without the converter."""
+    data = shared_input
+    out = converted("shared-strip", *template_options("strip"), source=data)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens"]["one_pass"] < manifest["tokens"]["unshared"]  # trees are shared
+    stats = stats_json(out)
+    samples = [s for samples in source_samples(data, TEMPLATE_FILES["strip"]).values() for s in samples if s[1] < len(s[0])]
+    assert stats["tokens"]["n_pass"] == sum(len(ids) for ids, _ in samples)
+    assert stats["attention_pairs"]["n_pass"] == sum(len(ids) * (len(ids) + 1) // 2 for ids, _ in samples)
+    assert stats["attention_pairs"]["n_pass_exact"] is True
+    assert "≈" not in cli("stats", out).output
