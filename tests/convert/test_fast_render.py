@@ -1,6 +1,6 @@
 """The fast rendering path (onepass_prep/convert/chat_template.py) against the oracle it
 must equal: transformers' own `tokenizer.apply_chat_template(..., tokenize=False)`, on
-every template in tests/templates over the generated chats of every input form the
+every template test_templates converts over the generated chats of every input form the
 template tests use, plus templates that probe the sandbox. Same text byte for byte, same
 exception kind and message, byte-identical converted output, and the fallback named in
 the run's summary."""
@@ -24,7 +24,7 @@ from onepass_prep.convert.render import ENGINE_VARIABLE, Renderer
 from onepass_prep.convert.tokenizer import load_tokenizer
 
 THINK = ("<think>", "</think>")
-TEMPLATE_FILES = sorted(path.name for path in TEMPLATES.glob("*.jinja"))
+TEMPLATE_FILES = sorted(KWARGS)  # the templates test_templates converts
 
 
 @functools.cache
