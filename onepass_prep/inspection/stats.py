@@ -323,8 +323,8 @@ def stats_view(stats: Stats, width: int) -> Group:
     _loss_rows(table, stats)
     if stats.rows_not_derived:
         table.caption = (
-            f"≈: in {stats.rows_not_derived} rows the trained runs do not account for "
-            "n_pass_tokens, so N-pass pairs are estimated there (see docs/inspect.md)"
+            f"≈: in {stats.rows_not_derived} rows the trained runs do not determine the N-pass "
+            "samples' lengths, so N-pass pairs are estimated there (see docs/inspect.md)"
         )
     return Group(table, _histogram_text(stats.lengths, width))
 
