@@ -185,13 +185,13 @@ def _shared_counts(
 
 
 def _combined(reachable: dict[int, set[int]], choices: set[tuple[int, int]]) -> dict[int, set[int]] | None:
-    """Every (tokens, pairs) reachable with one more choice; None past 4096 token sums (the
+    """Every (tokens, pairs) reachable with one more choice; None past 4096 of them (the
     row is then not derived rather than slow)."""
     out: dict[int, set[int]] = {}
     for more, known_pairs in reachable.items():
         for extra, added in choices:
             out.setdefault(more + extra, set()).update(known + added for known in known_pairs)
-    return out if len(out) <= 1 << 12 else None
+    return out if sum(map(len, out.values())) <= 1 << 12 else None
 
 
 def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:
