@@ -193,16 +193,19 @@ def shared_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_n_pass_pairs_of_shared_trees_are_exact(shared_input):
-    """Trees that conversations share (under the strip template, which the sample's system
-    prompts, first turns and prompts with two answers make): the N-pass tokens and pairs
-    are derived exactly, equal to those of the samples rendered without the converter."""
+@pytest.mark.parametrize(("template", "train_on"), [("strip", "all"), ("keep", "last")])
+def test_n_pass_pairs_of_shared_trees_are_exact(template, train_on, shared_input):
+    """Trees that conversations share (the sample's system prompts, first turns and prompts
+    with two answers make them): the N-pass tokens and pairs are derived exactly, equal to
+    those of the samples rendered without the converter (--train-on last: each
+    conversation's last)."""
     data = shared_input
-    out = converted("shared-strip", *template_options("strip"), source=data)
+    out = converted(f"shared-{template}-{train_on}", "--train-on", train_on, *template_options(template), source=data)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokens"]["one_pass"] < manifest["tokens"]["unshared"]  # trees are shared
     stats = stats_json(out)
-    samples = [s for samples in source_samples(data, TEMPLATE_FILES["strip"]).values() for s in samples if s[1] < len(s[0])]
+    trained = [[s for s in samples if s[1] < len(s[0])] for samples in source_samples(data, TEMPLATE_FILES[template]).values()]
+    samples = [s for conversation in trained for s in (conversation if train_on == "all" else conversation[-1:])]
     assert stats["tokens"]["n_pass"] == sum(len(ids) for ids, _ in samples)
     assert stats["attention_pairs"]["n_pass"] == sum(len(ids) * (len(ids) + 1) // 2 for ids, _ in samples)
     assert stats["attention_pairs"]["n_pass_exact"] is True
