@@ -81,6 +81,7 @@ class ShardRow:
     loss_units: int
     # per conversation id, the segments its samples use (v1, v2: its root's subtree)
     conversation_segments: list[np.ndarray] = field(default_factory=list)
+    n_pass_pairs: int | None = None  # v4; not recorded before (stats.py derives what it can)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -227,6 +228,7 @@ def _batch_rows(batch: pa.RecordBatch | pa.Table, file: Path, first: int, number
         if batch.column(name).null_count:
             raise FormatError(f"{file}: rows from {first}: {name} holds a null")
         scalars[name] = batch.column(name).to_pylist()
+    pairs = batch.column("n_pass_pairs").to_pylist() if "n_pass_pairs" in batch.column_names else None
     owners = None
     if "conversation_segments" in batch.column_names and not batch.column("conversation_segments").null_count:
         owners = batch.column("conversation_segments").to_pylist()
@@ -244,4 +246,5 @@ def _batch_rows(batch: pa.RecordBatch | pa.Table, file: Path, first: int, number
             n_pass_tokens=scalars["n_pass_tokens"][i],
             loss_units=scalars["loss_units"][i],
             conversation_segments=owned,
+            n_pass_pairs=pairs[i] if pairs else None,
         )
