@@ -3,12 +3,8 @@ manifest alone.
 
 Attention work counts visible (query, key) pairs. One pass: every token sees its tree
 depth + 1 tokens, so a row costs sum(position_ids + 1). N passes: a sample of L tokens
-costs L(L+1)/2, and the shards do not store L. It is derived: a sample's trained tokens
-run to its end, so each trained run (a maximal stretch of labelled tokens) ends at depth
-L - 1, and the samples that end there are counted from `conversation_segments` (see
-`samples_per_run`: one, unless conversations share the tree). A row's derivation is
-exact when its samples' lengths add up to its `n_pass_tokens`; rows where they do not are
-counted and the N-pass figure is then marked inexact.
+costs L(L+1)/2, summed in the row's `n_pass_pairs` (format v4). Rows of earlier runs do
+not record it; see `n_pass_pairs` for what is derived there and what is not.
 
 The loss: the manifest's normalization and train-on setting, each trained turn's message
 weight (read back from `loss_weights` by undoing the normalization, `roles.run_weights`),
@@ -46,7 +42,7 @@ class Stats:
     tokens_trained: int = 0
     pairs_one_pass: int = 0
     pairs_n_pass: int = 0
-    rows_not_derived: int = 0  # rows whose trained runs do not account for n_pass_tokens
+    rows_without_pairs: int = 0  # rows of an earlier format whose N-pass pairs are not known
     lengths: list[int] = field(default_factory=list)
     max_seq_len: int | None = None
     run_counts: dict = field(default_factory=dict)  # the manifest's, for the whole run
@@ -65,6 +61,12 @@ class Stats:
             "below_1": sum(n for w, n in self.turn_weights.items() if w < 1),
             "above_1": sum(n for w, n in self.turn_weights.items() if w > 1),
         }
+
+    @property
+    def n_pass_pairs(self) -> int | None:
+        """The N-pass attention pairs, None when a row does not give its own: a sum that
+        leaves rows out is not shown as the run's."""
+        return None if self.rows_without_pairs else self.pairs_n_pass
 
     @property
     def mean_weight_per_unit(self) -> float | None:
@@ -106,92 +108,32 @@ def compute_stats(run: Run) -> Stats:
         stats.tokens_trained += int((row.labels != IGNORE_INDEX).sum())
         stats.pairs_one_pass += int(row.position_ids.sum(dtype=np.int64)) + len(row)
         stats.trained_runs += len(row.trained_runs)
-        counts = n_pass_counts(row, stats.loss["train_on"])
-        if counts is None:  # estimated: one sample per trained run
-            lengths = row.position_ids[[end - 1 for _, end in row.trained_runs]].astype(np.int64) + 1
-            counts = (0, int((lengths * (lengths + 1) // 2).sum()))
-            stats.rows_not_derived += 1
-        stats.pairs_n_pass += counts[1]
+        pairs = n_pass_pairs(row)
+        if pairs is None:
+            stats.rows_without_pairs += 1
+        else:
+            stats.pairs_n_pass += pairs
         stats.turn_weights.update(run_weights(row, stats.loss["normalization"]).tolist())
         stats.loss_units += row.loss_units
         stats.loss_weight_sum += float(row.loss_weights.sum(dtype=np.float64))
     return stats
 
 
-def n_pass_counts(row: ShardRow, train_on: str) -> tuple[int, int] | None:
-    """The tokens and attention pairs of the row's N-pass samples, or None where the row
-    does not determine them. A sample's trained tokens run to its end, so a trained run
-    ends at depth L - 1 of the samples that end with it. In a tree of one conversation one
-    sample ends at each run. Where conversations share a tree, a token several samples
-    train is kept once (docs/FORMAT.md, "Shared prefixes"): see `_shared_counts`."""
-    ends = np.asarray([end - 1 for _, end in row.trained_runs], np.int64)
-    lengths = row.position_ids[ends].astype(np.int64) + 1
-    owners = np.zeros(len(row.seg_lens), np.int64)
-    for owned in row.conversation_segments:
-        owners[owned] += 1
-    if (owners <= 1).all():
-        tokens, pairs = int(lengths.sum()), int((lengths * (lengths + 1) // 2).sum())
-        return (tokens, pairs) if tokens == row.n_pass_tokens else None
-    return _shared_counts(row, ends, lengths, owners, train_on)
-
-
-def _shared_counts(
-    row: ShardRow, ends: np.ndarray, lengths: np.ndarray, owners: np.ndarray, train_on: str
-) -> tuple[int, int] | None:
-    """`n_pass_counts` for a row with a shared tree. A conversation's samples pass through
-    its `conversation_segments`; in a segment one of them passes on from, every run is on
-    its path, and in a leaf of them its path ends at one of the segment's runs (a segment
-    can hold several runs: a node with one child continues its segment). With
-    `--train-on all` it has a sample at every run on its path (it renders the same turns
-    before it, and trains them), with `--train-on last` one, at its path's end: the
-    segment's last run where no other conversation uses the segment. Where one does, the
-    ends that make the samples' tokens add up to the row's
-    `n_pass_tokens` are taken, when they agree on the pairs; else None (as where a
-    weight-0 turn of one conversation is a turn another trains)."""
-    pairs_of = lengths * (lengths + 1) // 2
-    segment_of_run = row.segment_of[ends]
-    first = np.searchsorted(segment_of_run, np.arange(len(row.seg_lens)), side="left")
-    last = np.searchsorted(segment_of_run, np.arange(len(row.seg_lens)), side="right")
-    tokens = pairs = 0
-    reachable: dict[int, set[int]] = {0: {0}}  # more tokens -> the pairs they come with
-    for owned in row.conversation_segments:
-        passed_on = set(row.seg_parents[owned].tolist())
-        for segment in owned.tolist():
-            runs = slice(int(first[segment]), int(last[segment]))
-            if runs.start == runs.stop:
-                continue
-            if segment in passed_on:
-                if train_on != "last":
-                    tokens += int(lengths[runs].sum())
-                    pairs += int(pairs_of[runs].sum())
-                continue
-            if owners[segment] == 1:  # its own segment: its path ends at the last run
-                runs = slice(runs.start if train_on != "last" else runs.stop - 1, runs.stop)
-                tokens += int(lengths[runs].sum())
-                pairs += int(pairs_of[runs].sum())
-                continue
-            if train_on == "last":
-                choices = set(zip(lengths[runs].tolist(), pairs_of[runs].tolist(), strict=True))
-            else:
-                choices = set(zip(np.cumsum(lengths[runs]).tolist(), np.cumsum(pairs_of[runs]).tolist(), strict=True))
-            combined = _combined(reachable, choices)
-            if combined is None:
-                return None
-            reachable = combined
-    found = reachable.get(row.n_pass_tokens - tokens)
-    if found is None or len(found) != 1:
+def n_pass_pairs(row: ShardRow) -> int | None:
+    """The attention pairs of the row's N-pass samples: recorded (v4), or in a row of an
+    earlier run whose trees each hold one conversation, derived: a sample's trained tokens
+    run to its end, so one sample ends at each trained run, at depth L - 1 (checked
+    against `n_pass_tokens`). Else None: a shared tree does not say where the samples of a
+    chat that another continues end, nor does a turn that renders no token to train."""
+    if row.n_pass_pairs is not None:
+        return row.n_pass_pairs
+    owned = np.concatenate(row.conversation_segments) if row.conversation_segments else np.zeros(0)
+    if len(np.unique(owned)) != len(owned):
         return None
-    return row.n_pass_tokens, pairs + found.pop()
-
-
-def _combined(reachable: dict[int, set[int]], choices: set[tuple[int, int]]) -> dict[int, set[int]] | None:
-    """Every (tokens, pairs) reachable with one more choice; None past 4096 of them (the
-    row is then not derived rather than slow)."""
-    out: dict[int, set[int]] = {}
-    for more, known_pairs in reachable.items():
-        for extra, added in choices:
-            out.setdefault(more + extra, set()).update(known + added for known in known_pairs)
-    return out if sum(map(len, out.values())) <= 1 << 12 else None
+    lengths = row.position_ids[[end - 1 for _, end in row.trained_runs]].astype(np.int64) + 1
+    if int(lengths.sum()) != row.n_pass_tokens:
+        return None
+    return int((lengths * (lengths + 1) // 2).sum())
 
 
 def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:
@@ -235,10 +177,9 @@ def stats_json(stats: Stats) -> dict:
         },
         "attention_pairs": {
             "one_pass": stats.pairs_one_pass,
-            "n_pass": stats.pairs_n_pass,
-            "saving": _saving(stats.pairs_one_pass, stats.pairs_n_pass),
-            "n_pass_exact": stats.rows_not_derived == 0,
-            "rows_not_derived": stats.rows_not_derived,
+            "n_pass": stats.n_pass_pairs,
+            "saving": None if stats.n_pass_pairs is None else _saving(stats.pairs_one_pass, stats.n_pass_pairs),
+            "rows_without_n_pass": stats.rows_without_pairs,
         },
         "packing": {
             "max_seq_len": stats.max_seq_len,
@@ -290,12 +231,12 @@ def stats_view(stats: Stats, width: int) -> Group:
     table.add_row("turns (trained runs)", f"{stats.trained_runs:,}", "")
     table.add_row("", "one-pass", "N-pass")
     table.add_row("tokens", f"{stats.tokens_one_pass:,}", f"{stats.tokens_n_pass:,}")
-    exact = "" if stats.rows_not_derived == 0 else " ≈"
-    table.add_row("attention pairs", f"{stats.pairs_one_pass:,}", f"{stats.pairs_n_pass:,}{exact}")
+    pairs = stats.n_pass_pairs
+    table.add_row("attention pairs", f"{stats.pairs_one_pass:,}", "?" if pairs is None else f"{pairs:,}")
     table.add_row(
         "saving",
         f"{_saving(stats.tokens_one_pass, stats.tokens_n_pass):.1%} tokens",
-        f"{_saving(stats.pairs_one_pass, stats.pairs_n_pass):.1%} pairs",
+        "" if pairs is None else f"{_saving(stats.pairs_one_pass, pairs):.1%} pairs",
     )
     table.add_row("  by the one-pass layout", f"{_saving(stats.tokens_unshared, stats.tokens_n_pass):.1%} tokens", "")
     table.add_row(
@@ -321,10 +262,10 @@ def stats_view(stats: Stats, width: int) -> Group:
         dropped, turns = calls.get("tool_calls_dropped", 0), calls.get("turns_with_tool_calls", 0)
         table.add_row("tool calls dropped", f"{dropped:,} of {turns:,} turns", "")
     _loss_rows(table, stats)
-    if stats.rows_not_derived:
+    if pairs is None:
         table.caption = (
-            f"≈: in {stats.rows_not_derived} rows the trained runs do not determine the N-pass "
-            "samples' lengths, so N-pass pairs are estimated there (see docs/inspect.md)"
+            f"?: {stats.rows_without_pairs:,} rows, written by an earlier format, do not determine "
+            "their N-pass samples' attention pairs; convert again to count them (see docs/inspect.md)"
         )
     return Group(table, _histogram_text(stats.lengths, width))
 
