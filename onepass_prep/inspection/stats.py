@@ -120,16 +120,15 @@ def compute_stats(run: Run) -> Stats:
 
 
 def n_pass_pairs(row: ShardRow) -> int | None:
-    """The attention pairs of the row's N-pass samples: recorded (v4), or in a row of an
-    earlier run whose trees each hold one conversation, derived: a sample's trained tokens
-    run to its end, so one sample ends at each trained run, at depth L - 1 (checked
-    against `n_pass_tokens`). Else None: a shared tree does not say where the samples of a
-    chat that another continues end, nor does a turn that renders no token to train."""
+    """The attention pairs of the row's N-pass samples: recorded (v4), else derived where
+    the row determines them. A sample's trained tokens run to its end, so at least one
+    sample ends at each trained run, at depth L - 1. Their lengths add up to
+    `n_pass_tokens` only where exactly one does and no sample ends elsewhere (a tree of one
+    conversation); then their pairs are the samples'. Else None: where conversations share
+    a tree, a chat that is the start of another ends inside the other's path, and nothing
+    there says how many samples end at a run."""
     if row.n_pass_pairs is not None:
         return row.n_pass_pairs
-    owned = np.concatenate(row.conversation_segments) if row.conversation_segments else np.zeros(0)
-    if len(np.unique(owned)) != len(owned):
-        return None
     lengths = row.position_ids[[end - 1 for _, end in row.trained_runs]].astype(np.int64) + 1
     if int(lengths.sum()) != row.n_pass_tokens:
         return None
