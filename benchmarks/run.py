@@ -530,26 +530,33 @@ def main() -> None:
 
 
 def report(results: dict) -> str:
-    c, p, t = results["conversion"], results["packing"], results["training_step"]
-    lines = [
-        "| measure | result | target |",
-        "| --- | --- | --- |",
-        f"| convert, 1 process, vs one render+tokenize per chat (floor) | {c['convert_1_vs_floor']:.2f}x | >= 0.5x (stretch 1.0x) |",
-        f"| convert, 2 processes, vs floor | {c['convert_2_vs_floor']:.2f}x | |",
-        f"| convert, 2 processes vs 1 process | {c['convert_2_vs_convert_1']:.2f}x | >= 1.8x |",
-        f"| same, start-up left out: 1 process vs floor / 2 vs floor / 2 vs 1 | {c['steady_1_vs_floor']:.2f}x / {c['steady_2_vs_floor']:.2f}x / {c['steady_2_vs_steady_1']:.2f}x | |",
-        f"| cores kept busy (CPU time / wall time): 1 process / 2 processes | {c['convert_1_cores_busy']:.2f} / {c['convert_2_cores_busy']:.2f} | of 2 |",
-        f"| CPU seconds: floor / convert 1 process / 2 processes | {c['cpu_seconds']['floor']:.1f} / {c['cpu_seconds']['convert_1']:.1f} / {c['cpu_seconds']['convert_2']:.1f} | |",
-        f"| convert, 1 process, vs obvious N-pass preprocessing | {c['convert_1_vs_obvious']:.2f}x faster | |",
-        f"| obvious N-pass preprocessing, in floors | {c['obvious_cost_in_floors']:.1f}x the floor's time | |",
-        f"| packing fill rate at --max-seq-len 32768 | {p['fill_rate']:.1%} | >= 95% |",
-        f"| training step time one-pass (tree attention) / N-pass | {t['time_tree_over_n_pass']:.2f} (tokens {t['tokens_one_pass_over_n_pass']:.2f}) | <= 1.15 x tokens ratio: {t['target_ratio']:.2f} |",
-        f"| training step time one-pass (sdpa, dense mask) / N-pass | {t['time_dense_over_n_pass']:.2f} (tokens {t['tokens_one_pass_over_n_pass']:.2f}) | x tokens ratio: {t['target_ratio_dense']:.2f} |",
-    ]
+    """The Markdown tables of the sections in `results` (a run --only some of them into a
+    fresh --out holds only those)."""
+    lines = []
+    if "conversion" in results:
+        c = results["conversion"]
+        lines += [
+            f"| convert, 1 process, vs one render+tokenize per chat (floor) | {c['convert_1_vs_floor']:.2f}x | >= 0.5x (stretch 1.0x) |",
+            f"| convert, 2 processes, vs floor | {c['convert_2_vs_floor']:.2f}x | |",
+            f"| convert, 2 processes vs 1 process | {c['convert_2_vs_convert_1']:.2f}x | >= 1.8x |",
+            f"| same, start-up left out: 1 process vs floor / 2 vs floor / 2 vs 1 | {c['steady_1_vs_floor']:.2f}x / {c['steady_2_vs_floor']:.2f}x / {c['steady_2_vs_steady_1']:.2f}x | |",
+            f"| cores kept busy (CPU time / wall time): 1 process / 2 processes | {c['convert_1_cores_busy']:.2f} / {c['convert_2_cores_busy']:.2f} | of 2 |",
+            f"| CPU seconds: floor / convert 1 process / 2 processes | {c['cpu_seconds']['floor']:.1f} / {c['cpu_seconds']['convert_1']:.1f} / {c['cpu_seconds']['convert_2']:.1f} | |",
+            f"| convert, 1 process, vs obvious N-pass preprocessing | {c['convert_1_vs_obvious']:.2f}x faster | |",
+            f"| obvious N-pass preprocessing, in floors | {c['obvious_cost_in_floors']:.1f}x the floor's time | |",
+        ]
+    if "packing" in results:
+        lines.append(f"| packing fill rate at --max-seq-len 32768 | {results['packing']['fill_rate']:.1%} | >= 95% |")
+    if "training_step" in results:
+        t = results["training_step"]
+        lines += [
+            f"| training step time one-pass (tree attention) / N-pass | {t['time_tree_over_n_pass']:.2f} (tokens {t['tokens_one_pass_over_n_pass']:.2f}) | <= 1.15 x tokens ratio: {t['target_ratio']:.2f} |",
+            f"| training step time one-pass (sdpa, dense mask) / N-pass | {t['time_dense_over_n_pass']:.2f} (tokens {t['tokens_one_pass_over_n_pass']:.2f}) | x tokens ratio: {t['target_ratio_dense']:.2f} |",
+        ]
     if "hybrid_step" in results:
         h = results["hybrid_step"]
         lines.append(f"| training step time one-pass / N-pass, Qwen3.5-shaped hybrid (Gated DeltaNet level by level, {h['levels_per_row']:.1f} levels and {h['kernel_calls_per_row']:.1f} kernel calls per chat) | {h['time_one_pass_over_n_pass']:.2f} (tokens {h['tokens_one_pass_over_n_pass']:.2f}) | x tokens ratio: {h['time_ratio_over_tokens_ratio']:.2f} |")
-    for m in results["memory"]:
+    for m in results.get("memory", []):
         lines.append(f"| convert peak RSS, {m['conversations']:,} chats ({m['input_mb']:.0f} MB in) | {m['peak_rss_mb']:.0f} MB | < 500 MB, flat |")
     if "hostile" in results:
         h = results["hostile"]
@@ -560,29 +567,33 @@ def report(results: dict) -> str:
         lines.append(f"| Ray 2 workers vs 1 worker | {e['ray_2_vs_ray_1']:.2f}x | |")
         lines.append(f"| Ray start-up (10 chats: Ray 2 workers minus local) | {e['ray_startup_over_local']:.1f} s | |")
         lines.append(f"| same, start-up left out: Ray 2 workers vs local / vs Ray 1 worker | {e['steady_ray_2_vs_local']:.2f}x / {e['steady_ray_2_vs_ray_1']:.2f}x | |")
-    lines += [
-        "",
-        "| template | convert vs floor, before / after | convert after vs before | rendering after vs before | rendering's share of convert, before / after |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name, r in results.get("rendering", {}).items():
-        lines.append(
-            f"| {name} | {r['convert_vs_floor_before']:.2f}x / {r['convert_vs_floor_after']:.2f}x "
-            f"| {r['convert_after_vs_before']:.2f}x | {r['render_after_vs_before']:.2f}x "
-            f"| {r['render_share_before']:.0%} / {r['render_share_after']:.0%} |"
-        )
-    lines += [
-        "",
-        "| turns | tokens per chat, one-pass / N-pass | ratio | attention pairs per chat (millions), one-pass / N-pass | ratio |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for g in results["growth"]:
-        lines.append(
-            f"| {g['turns']} | {g['one_pass_tokens_per_chat']:,.0f} / {g['n_pass_tokens_per_chat']:,.0f} "
-            f"| {g['tokens_n_pass_over_one_pass']:.2f} | {g['one_pass_pairs_per_chat'] / 1e6:.1f} / "
-            f"{g['n_pass_pairs_per_chat'] / 1e6:.1f} | {g['pairs_n_pass_over_one_pass']:.2f} |"
-        )
-    return "\n".join(lines)
+    if lines:
+        lines = ["| measure | result | target |", "| --- | --- | --- |", *lines]
+    if "rendering" in results:
+        lines += [
+            "",
+            "| template | convert vs floor, before / after | convert after vs before | rendering after vs before | rendering's share of convert, before / after |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, r in results["rendering"].items():
+            lines.append(
+                f"| {name} | {r['convert_vs_floor_before']:.2f}x / {r['convert_vs_floor_after']:.2f}x "
+                f"| {r['convert_after_vs_before']:.2f}x | {r['render_after_vs_before']:.2f}x "
+                f"| {r['render_share_before']:.0%} / {r['render_share_after']:.0%} |"
+            )
+    if "growth" in results:
+        lines += [
+            "",
+            "| turns | tokens per chat, one-pass / N-pass | ratio | attention pairs per chat (millions), one-pass / N-pass | ratio |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for g in results["growth"]:
+            lines.append(
+                f"| {g['turns']} | {g['one_pass_tokens_per_chat']:,.0f} / {g['n_pass_tokens_per_chat']:,.0f} "
+                f"| {g['tokens_n_pass_over_one_pass']:.2f} | {g['one_pass_pairs_per_chat'] / 1e6:.1f} / "
+                f"{g['n_pass_pairs_per_chat'] / 1e6:.1f} | {g['pairs_n_pass_over_one_pass']:.2f} |"
+            )
+    return "\n".join(lines).strip("\n")
 
 
 if __name__ == "__main__":

@@ -41,22 +41,41 @@ def main() -> None:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if distributed else 1
     model.train()
-    batches = iter(loader)
-    for step in range(args.steps):  # at most one epoch
-        micro = list(itertools.islice(batches, args.accumulation))
-        if not micro:
-            break
-        denominator = step_denominator(micro)  # the step's loss_units (all ranks under DDP)
-        step_loss = 0.0
-        for batch in micro:
-            batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
-            # logits only where a token is trained, the head in chunks; no weights reach the model
-            loss, _ = forward_loss(model, batch, denominator)
-            (loss * world).backward()
-            step_loss += loss.item()
-        optimizer.step()
-        optimizer.zero_grad()
-        print(f"step {step}: loss {step_loss:.4f} over {int(denominator)} loss units")
+    # A step takes --accumulation micro-batches of one epoch (an epoch's last step takes
+    # what is left); the steps asked for run over as many epochs as they need.
+    if not len(loader):
+        raise SystemExit(f"{args.out_dir}: no rows to train on")
+    per_epoch = -(-len(loader) // args.accumulation)
+    epochs = -(-args.steps // per_epoch)
+    last = len(loader) - (per_epoch - 1) * args.accumulation
+    print(
+        f"{plural(len(loader), 'row')} per epoch, {args.accumulation} per step (--accumulation): "
+        f"{plural(per_epoch, 'step')} per epoch, the last of {plural(last, 'row')}; "
+        f"{plural(args.steps, 'step')} over {plural(epochs, 'epoch')}"
+    )
+    step = 0
+    for epoch in range(epochs):
+        batches = iter(loader)  # reshuffled each epoch
+        while step < args.steps and (micro := list(itertools.islice(batches, args.accumulation))):
+            denominator = step_denominator(micro)  # the step's loss_units (all ranks under DDP)
+            step_loss = 0.0
+            for batch in micro:
+                batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+                # logits only where a token is trained, the head in chunks; no weights reach the model
+                loss, _ = forward_loss(model, batch, denominator)
+                (loss * world).backward()
+                step_loss += loss.item()
+            optimizer.step()
+            optimizer.zero_grad()
+            print(
+                f"epoch {epoch} step {step}: loss {step_loss:.4f} over {int(denominator)} loss units "
+                f"of {plural(len(micro), 'row')}"
+            )
+            step += 1
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 if __name__ == "__main__":

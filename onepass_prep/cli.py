@@ -198,15 +198,14 @@ def summary_table(summary: ConvertSummary, out_dir: str, packed: bool) -> Table:
     return table
 
 
-def _open(path: Path, model: str | None):
-    """The run, its tokenizer, and a warning line if the tokenizer is not the recorded one."""
-    from onepass_prep.inspection.runs import load_run_tokenizer, open_run
+def _run_tokenizer(run, model: str | None):
+    """The run's tokenizer, with a warning line if it is not the recorded one."""
+    from onepass_prep.inspection.runs import load_run_tokenizer
 
-    run = open_run(path)
     loaded, same = load_run_tokenizer(run, model)
     if not same:
         console.print(f"[yellow]warning:[/yellow] tokenizer {loaded.name!r} differs from the one in the manifest")
-    return run, loaded
+    return loaded
 
 
 def _token_range(value: str, length: int) -> tuple[int, int]:
@@ -223,8 +222,8 @@ def _token_range(value: str, length: int) -> tuple[int, int]:
 @app.command("inspect")
 def inspect_command(
     path: Path = typer.Argument(..., metavar="PATH", help="An output folder or one of its shards."),
-    row: int = typer.Option(0, min=0, metavar="N", help="Row number within the run (or within the shard given)."),
-    conversation: str | None = typer.Option(None, metavar="ID", help="One conversation of the row in full: its segment tree, and the mask over its own tokens."),
+    row: int | None = typer.Option(None, min=0, metavar="N", help="Row number within the run (or within the shard given); default 0, or with --conversation the row that holds it."),
+    conversation: str | None = typer.Option(None, metavar="ID", help="One conversation in full (found in the run unless --row is given): its segment tree, and the mask over its own tokens."),
     tokens: str | None = typer.Option(None, metavar="START:END", help="START:END (e.g. 100:140): a table of these tokens instead of the conversations, tree and mask."),
     png: Path | None = typer.Option(None, metavar="FILE", help="Also write the whole row's mask as a PNG picture."),
     model: str | None = typer.Option(None, "--model", "-m", metavar="MODEL", help="Tokenizer to decode with, instead of the manifest's."),
@@ -232,28 +231,45 @@ def inspect_command(
     """Show one row: its conversations (or the segment tree of a row of one) and its
     attention mask, sized to fit the terminal; --conversation shows one in full."""
     from onepass_prep.format import FormatError, loss_settings
-    from onepass_prep.inspection.runs import read_row
+    from onepass_prep.inspection.runs import open_run, read_row, rows_holding
     from onepass_prep.inspection.view import (
         NoSuchConversation,
         RowView,
+        conversation_row,
         header,
         layout,
         screen_height,
+        shows_colour,
         token_table,
     )
 
     if tokens is not None and conversation is not None:
         raise typer.BadParameter("--tokens and --conversation do not combine (START:END are row tokens)")
     out = Console()
+    found = None  # what the header says of a row found by --conversation
     try:
-        run, loaded = _open(path, model)
-        view = RowView.build(read_row(run, run.first_row + row), loaded.tokenizer, loss_settings(run.manifest))
+        run = open_run(path)
+        if conversation is not None and row is None:  # found before the tokenizer loads
+            number, others = conversation_row(run, conversation)
+            found = f"the row that holds {conversation}"
+            if others:
+                found += f" (so do rows {', '.join(str(n - run.first_row) for n in others)})"
+        else:
+            number = run.first_row + (row or 0)
+        shard_row = read_row(run, number)
+        view = RowView.build(shard_row, _run_tokenizer(run, model).tokenizer, loss_settings(run.manifest))
         max_seq_len = run.manifest.get("options", {}).get("max_seq_len")
         if tokens is not None:
             out.print(header(view, max_seq_len))
             out.print(token_table(view, *_token_range(tokens, len(view.row))))
         else:
-            for part in layout(view, out.width, screen_height(out), max_seq_len, conversation):
+            try:
+                parts = layout(view, out.width, screen_height(out), max_seq_len, conversation, shows_colour(out), found)
+            except NoSuchConversation as error:
+                holding = rows_holding(run, conversation or "")
+                where = f"; it is in row {holding[0] - run.first_row}" if holding else ""
+                raise NoSuchConversation(f"{error}{where}") from None
+            for part in parts:
                 out.print(part)
         if png is not None:
             from onepass_prep.inspection.picture import save_mask_picture

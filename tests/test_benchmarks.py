@@ -1,6 +1,7 @@
 """The benchmark script still runs (tiny sizes) and its numbers hang together. Speed is
 judged by docs/benchmarks.md, not here."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -29,3 +30,19 @@ def test_benchmark_quick_run_reports_every_section(tmp_path):
     assert set(results["rendering"]) == {"qwen3", "gpt-oss", "deepseek-v3.1"}
     assert all(r["render_after_vs_before"] > 0 for r in results["rendering"].values())
     assert "| packing fill rate" in done.stdout
+
+
+def test_report_prints_any_subset_of_sections():
+    """`run.py --only X` into a fresh --out holds X's results alone: its report prints
+    their table, whichever section X is (the results are the committed full run's)."""
+    spec = importlib.util.spec_from_file_location("benchmark_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    full = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    sections = [key for key in full if key not in ("machine", "quick")]
+    assert len(sections) == len(module.SECTIONS.split(","))
+    whole = module.report(full)
+    for section in sections:
+        alone = module.report({"machine": full["machine"], "quick": False, section: full[section]})
+        assert alone.startswith("|") and alone.endswith("|"), section
+        assert all(line in whole for line in alone.splitlines()), section

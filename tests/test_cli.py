@@ -28,7 +28,7 @@ def test_convert_writes_shards_manifest_and_summary(tmp_path, sample_path):
     assert "tokens N-pass" in result.output and "saving" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     lines = sample_path.read_text(encoding="utf-8").splitlines()
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     assert manifest["counts"]["read"] == manifest["counts"]["written"] == len(lines)
     assert manifest["tokenizer"]["name"] == "qwen" and len(manifest["tokenizer"]["hash"]) == 64
     shards = sorted(out.glob("part-*.parquet"))

@@ -28,6 +28,7 @@ class Row:
     seg_parents: np.ndarray
     conversation_ids: list[str]
     n_pass_tokens: int
+    n_pass_pairs: int
     num_trained: int  # labels that are not -100
     loss_weights: np.ndarray
     loss_units: int
@@ -58,6 +59,7 @@ def join(items: list[Tree]) -> Row:
         np.concatenate(parents).astype(np.int32),
         [conversation_id for ids, _ in items for conversation_id in ids],
         sum(layout.n_pass_tokens for layout in layouts),
+        sum(layout.n_pass_pairs for layout in layouts),
         int(np.count_nonzero(labels != IGNORE_INDEX)),
         np.concatenate([layout.loss_weights for layout in layouts]),
         sum(layout.loss_units for layout in layouts),

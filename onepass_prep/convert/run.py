@@ -96,6 +96,7 @@ def _fingerprint(options: ConvertOptions, inputs: list[Source], tokenizer_hash: 
         ],
         "tokenizer": tokenizer_hash,
         "tool_version": __version__,
+        "format_version": FORMAT_VERSION,  # shards of an earlier format are not resumed into a later one
     }
 
 

@@ -48,6 +48,7 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
             pa.array(np.cumsum([0] + [len(row.conversation_segments) for row in rows]), pa.int32()),
             _lists([owned for row in rows for owned in row.conversation_segments]),
         ),
+        pa.array([row.n_pass_pairs for row in rows], pa.int64()),
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 

@@ -48,6 +48,7 @@ class Layout:
     seg_lens: np.ndarray
     seg_parents: np.ndarray
     n_pass_tokens: int
+    n_pass_pairs: int  # the causal (query, key) pairs of those samples: L(L+1)/2 each
     loss_weights: np.ndarray  # float32 per token, 0 where not trained (convert/loss.py)
     loss_units: int
     conversation_segments: list[np.ndarray]  # per conversation of the tree, the segments it uses
@@ -223,7 +224,7 @@ class PrefixTree:
                 node = node.children[0]  # a single child continues the same segment
             for child in reversed(self._ordered_children(node)):
                 stack.append((child, segment))
-        n_pass = sum(len(sample.input_ids) for sample in self.samples if sample.is_trained)
+        lengths = [len(sample.input_ids) for sample in self.samples if sample.is_trained]
         trained = sorted(self.ends)
         ends = [row_index[id(self.ends[s])] + self.ends[s].end - 1 - self.ends[s].start for s in trained]
         return Layout(
@@ -232,7 +233,8 @@ class PrefixTree:
             np.concatenate(labels).astype(np.int32),
             np.asarray(seg_lens, dtype=np.int32),
             np.asarray(seg_parents, dtype=np.int32),
-            n_pass,
+            sum(lengths),
+            sum(length * (length + 1) // 2 for length in lengths),
             np.concatenate(weights),
             self.units,
             self._conversation_segments(segment_of, seg_parents),

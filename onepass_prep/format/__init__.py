@@ -1,4 +1,4 @@
-"""Output format v3 (and reading v1 and v2) in code: the one home of docs/FORMAT.md's rules, shared by the
+"""Output format v4 (and reading v1 to v3) in code: the one home of docs/FORMAT.md's rules, shared by the
 converter's writer, the inspect/stats/verify readers and the torch runtime.
 
 Imports numpy and pyarrow only (no torch, no transformers).

@@ -1,4 +1,4 @@
-"""The files of a run (docs/FORMAT.md, v3; v1 and v2 still read): names, the shard schema, the
+"""The files of a run (docs/FORMAT.md, v4; v1 to v3 still read): names, the shard schema, the
 manifest, and the checks every reader makes before it trusts a shard."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 3
-READ_VERSIONS = (1, 2, 3)  # v1 rows read as message weights 1 under the token mean
+FORMAT_VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)  # v1 rows read as message weights 1 under the token mean
 FORMAT_NAME = "onepass-prep"
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
@@ -43,12 +43,14 @@ SCHEMA_V2 = SCHEMA_V1.append(pa.field("loss_weights", pa.list_(pa.float32()))).a
     pa.field("loss_units", pa.int32())
 )
 # v3: a tree may hold several conversations (shared prefixes); each names its segments.
-SCHEMA = SCHEMA_V2.append(pa.field("conversation_segments", pa.list_(_INT32_LIST)))
-_SCHEMAS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA}
+SCHEMA_V3 = SCHEMA_V2.append(pa.field("conversation_segments", pa.list_(_INT32_LIST)))
+# v4: the N-pass samples' attention pairs, which a shared tree does not determine.
+SCHEMA = SCHEMA_V3.append(pa.field("n_pass_pairs", pa.int64()))
+_SCHEMAS = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA}
 
 
 class FormatError(ValueError):
-    """Output that cannot be read as format v1, v2 or v3; the message names the file (and row)."""
+    """Output that cannot be read as format v1 to v4; the message names the file (and row)."""
 
 
 def shard_name(index: int) -> str:
@@ -167,7 +169,8 @@ def open_shard(path: Path, rows: int | None = None, version: int | None = None) 
         raise FormatError(f"{path}: {parquet.metadata.num_rows} rows, the manifest says {rows}")
     schema = parquet.schema_arrow
     if version is None:
-        version = 3 if "conversation_segments" in schema.names else 2 if "loss_weights" in schema.names else 1
+        names = ("n_pass_pairs", "conversation_segments", "loss_weights")
+        version = next((4 - i for i, name in enumerate(names) if name in schema.names), 1)
     for field in _SCHEMAS[version]:
         if field.name not in schema.names:
             raise FormatError(f"{path}: missing column {field.name!r}")

@@ -81,8 +81,8 @@ class _Checker:
     def run(self) -> None:
         n = self.batch.num_rows
         lists = list_columns(self.batch)
-        scalars = ["num_tokens", "num_trained_tokens", "mask_spec"]
-        for name in scalars + ["loss_units"] * ("loss_units" in self.batch.schema.names):
+        optional = [name for name in ("loss_units", "n_pass_pairs") if name in self.batch.schema.names]
+        for name in ["num_tokens", "num_trained_tokens", "mask_spec", *optional]:
             self.fail_if(_nulls(self.column(name), n), f"{name} is null")
         for name, array in lists.items():
             self.fail_if(_nulls(array, n), f"{name} is null")

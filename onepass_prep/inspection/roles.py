@@ -42,6 +42,15 @@ ROLE_NAMES = {
     Role.DOWN: "trained, w < 1",
     Role.UP: "trained, w > 1",
 }
+ROLE_LETTERS = {  # the mask's glyph of each role where the output has no colour
+    Role.CONTEXT: "P",
+    Role.TRAINED: "T",
+    Role.COPY: "A",
+    Role.TOOL: "O",
+    Role.BRANCH: "B",
+    Role.DOWN: "D",
+    Role.UP: "U",
+}
 ROLE_COLOURS = {  # RGB; the terminal uses the same colours
     Role.CONTEXT: (66, 133, 244),
     Role.TRAINED: (52, 168, 83),

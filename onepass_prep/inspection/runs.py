@@ -81,6 +81,7 @@ class ShardRow:
     loss_units: int
     # per conversation id, the segments its samples use (v1, v2: its root's subtree)
     conversation_segments: list[np.ndarray] = field(default_factory=list)
+    n_pass_pairs: int | None = None  # v4; not recorded before (stats.py derives what it can)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -185,6 +186,23 @@ def read_row(run: Run, number: int) -> ShardRow:
     raise FormatError(f"{run.folder}: no row {number} (rows {first}..{last})")
 
 
+def rows_holding(run: Run, conversation_id: str) -> list[int]:
+    """Run-wide numbers of the rows (of the shards read) whose `conversation_ids` hold the
+    id, read from that column alone."""
+    found, number = [], run.first_row
+    for file, rows, _ in run.shards:
+        parquet = open_shard(file, rows, run.manifest["format_version"])
+        try:
+            for batch in parquet.iter_batches(batch_size=1024, columns=["conversation_ids"]):
+                for ids in batch.column(0).to_pylist():
+                    if conversation_id in ids:
+                        found.append(number)
+                    number += 1
+        except (OSError, pa.ArrowException) as error:
+            raise FormatError(f"{file}: cannot read Parquet ({error})") from None
+    return found
+
+
 def load_run_tokenizer(run: Run, model: str | None = None) -> tuple[LoadedTokenizer, bool]:
     """The run's tokenizer with the chat template the manifest recorded, and whether its
     hash matches the manifest's. `model` replaces the recorded name (e.g. a moved folder)."""
@@ -210,6 +228,7 @@ def _batch_rows(batch: pa.RecordBatch | pa.Table, file: Path, first: int, number
         if batch.column(name).null_count:
             raise FormatError(f"{file}: rows from {first}: {name} holds a null")
         scalars[name] = batch.column(name).to_pylist()
+    pairs = batch.column("n_pass_pairs").to_pylist() if "n_pass_pairs" in batch.column_names else None
     owners = None
     if "conversation_segments" in batch.column_names and not batch.column("conversation_segments").null_count:
         owners = batch.column("conversation_segments").to_pylist()
@@ -227,4 +246,5 @@ def _batch_rows(batch: pa.RecordBatch | pa.Table, file: Path, first: int, number
             n_pass_tokens=scalars["n_pass_tokens"][i],
             loss_units=scalars["loss_units"][i],
             conversation_segments=owned,
+            n_pass_pairs=pairs[i] if pairs else None,
         )

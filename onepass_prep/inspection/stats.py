@@ -3,10 +3,8 @@ manifest alone.
 
 Attention work counts visible (query, key) pairs. One pass: every token sees its tree
 depth + 1 tokens, so a row costs sum(position_ids + 1). N passes: a sample of L tokens
-costs L(L+1)/2, and the shards do not store L. It is derived: a sample's trained tokens
-run to its end, so each trained run (a maximal stretch of labelled tokens) ends at depth
-L - 1. A row's derivation is exact when its runs' lengths add up to its `n_pass_tokens`;
-rows where they do not are counted and the N-pass figure is then marked inexact.
+costs L(L+1)/2, summed in the row's `n_pass_pairs` (format v4). Rows of earlier runs do
+not record it; see `n_pass_pairs` for what is derived there and what is not.
 
 The loss: the manifest's normalization and train-on setting, each trained turn's message
 weight (read back from `loss_weights` by undoing the normalization, `roles.run_weights`),
@@ -25,7 +23,7 @@ from rich.text import Text
 
 from onepass_prep.format import IGNORE_INDEX, loss_settings
 from onepass_prep.inspection.roles import run_weights, weight_text
-from onepass_prep.inspection.runs import Run, iter_rows
+from onepass_prep.inspection.runs import Run, ShardRow, iter_rows
 
 HISTOGRAM_BINS = 10
 WEIGHTS_LISTED = 10  # distinct message weights listed, the most common first
@@ -44,7 +42,7 @@ class Stats:
     tokens_trained: int = 0
     pairs_one_pass: int = 0
     pairs_n_pass: int = 0
-    rows_not_derived: int = 0  # rows whose trained runs do not account for n_pass_tokens
+    rows_without_pairs: int = 0  # rows of an earlier format whose N-pass pairs are not known
     lengths: list[int] = field(default_factory=list)
     max_seq_len: int | None = None
     run_counts: dict = field(default_factory=dict)  # the manifest's, for the whole run
@@ -63,6 +61,12 @@ class Stats:
             "below_1": sum(n for w, n in self.turn_weights.items() if w < 1),
             "above_1": sum(n for w, n in self.turn_weights.items() if w > 1),
         }
+
+    @property
+    def n_pass_pairs(self) -> int | None:
+        """The N-pass attention pairs, None when a row does not give its own: a sum that
+        leaves rows out is not shown as the run's."""
+        return None if self.rows_without_pairs else self.pairs_n_pass
 
     @property
     def mean_weight_per_unit(self) -> float | None:
@@ -103,15 +107,32 @@ def compute_stats(run: Run) -> Stats:
         stats.tokens_n_pass += row.n_pass_tokens
         stats.tokens_trained += int((row.labels != IGNORE_INDEX).sum())
         stats.pairs_one_pass += int(row.position_ids.sum(dtype=np.int64)) + len(row)
-        ends = np.asarray([end for _, end in row.trained_runs], np.int64)
-        sample_lengths = row.position_ids[ends - 1].astype(np.int64) + 1
-        stats.trained_runs += len(ends)
-        stats.pairs_n_pass += int((sample_lengths * (sample_lengths + 1) // 2).sum())
-        stats.rows_not_derived += int(sample_lengths.sum()) != row.n_pass_tokens
+        stats.trained_runs += len(row.trained_runs)
+        pairs = n_pass_pairs(row)
+        if pairs is None:
+            stats.rows_without_pairs += 1
+        else:
+            stats.pairs_n_pass += pairs
         stats.turn_weights.update(run_weights(row, stats.loss["normalization"]).tolist())
         stats.loss_units += row.loss_units
         stats.loss_weight_sum += float(row.loss_weights.sum(dtype=np.float64))
     return stats
+
+
+def n_pass_pairs(row: ShardRow) -> int | None:
+    """The attention pairs of the row's N-pass samples: recorded (v4), else derived where
+    the row determines them. A sample's trained tokens run to its end, so at least one
+    sample ends at each trained run, at depth L - 1. Their lengths add up to
+    `n_pass_tokens` only where exactly one does and no sample ends elsewhere (a tree of one
+    conversation); then their pairs are the samples'. Else None: where conversations share
+    a tree, a chat that is the start of another ends inside the other's path, and nothing
+    there says how many samples end at a run."""
+    if row.n_pass_pairs is not None:
+        return row.n_pass_pairs
+    lengths = row.position_ids[[end - 1 for _, end in row.trained_runs]].astype(np.int64) + 1
+    if int(lengths.sum()) != row.n_pass_tokens:
+        return None
+    return int((lengths * (lengths + 1) // 2).sum())
 
 
 def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:
@@ -155,10 +176,9 @@ def stats_json(stats: Stats) -> dict:
         },
         "attention_pairs": {
             "one_pass": stats.pairs_one_pass,
-            "n_pass": stats.pairs_n_pass,
-            "saving": _saving(stats.pairs_one_pass, stats.pairs_n_pass),
-            "n_pass_exact": stats.rows_not_derived == 0,
-            "rows_not_derived": stats.rows_not_derived,
+            "n_pass": stats.n_pass_pairs,
+            "saving": None if stats.n_pass_pairs is None else _saving(stats.pairs_one_pass, stats.n_pass_pairs),
+            "rows_without_n_pass": stats.rows_without_pairs,
         },
         "packing": {
             "max_seq_len": stats.max_seq_len,
@@ -210,12 +230,12 @@ def stats_view(stats: Stats, width: int) -> Group:
     table.add_row("turns (trained runs)", f"{stats.trained_runs:,}", "")
     table.add_row("", "one-pass", "N-pass")
     table.add_row("tokens", f"{stats.tokens_one_pass:,}", f"{stats.tokens_n_pass:,}")
-    exact = "" if stats.rows_not_derived == 0 else " ≈"
-    table.add_row("attention pairs", f"{stats.pairs_one_pass:,}", f"{stats.pairs_n_pass:,}{exact}")
+    pairs = stats.n_pass_pairs
+    table.add_row("attention pairs", f"{stats.pairs_one_pass:,}", "?" if pairs is None else f"{pairs:,}")
     table.add_row(
         "saving",
         f"{_saving(stats.tokens_one_pass, stats.tokens_n_pass):.1%} tokens",
-        f"{_saving(stats.pairs_one_pass, stats.pairs_n_pass):.1%} pairs",
+        "" if pairs is None else f"{_saving(stats.pairs_one_pass, pairs):.1%} pairs",
     )
     table.add_row("  by the one-pass layout", f"{_saving(stats.tokens_unshared, stats.tokens_n_pass):.1%} tokens", "")
     table.add_row(
@@ -241,10 +261,10 @@ def stats_view(stats: Stats, width: int) -> Group:
         dropped, turns = calls.get("tool_calls_dropped", 0), calls.get("turns_with_tool_calls", 0)
         table.add_row("tool calls dropped", f"{dropped:,} of {turns:,} turns", "")
     _loss_rows(table, stats)
-    if stats.rows_not_derived:
+    if pairs is None:
         table.caption = (
-            f"≈: in {stats.rows_not_derived} rows the trained runs do not account for "
-            "n_pass_tokens, so N-pass pairs are estimated there (see docs/inspect.md)"
+            f"?: {stats.rows_without_pairs:,} rows, written by an earlier format, do not determine "
+            "their N-pass samples' attention pairs; convert again to count them (see docs/inspect.md)"
         )
     return Group(table, _histogram_text(stats.lengths, width))
 

@@ -1,7 +1,8 @@
 """What `onepass-prep inspect` prints for one row: a header, the row's conversations or
 the segment tree with each part's role and text, the attention mask drawn with block
 characters, or token detail. Every view fits the terminal's width; when the terminal's
-height is known, the mask is sized to fit it too (see `layout`)."""
+height is known, the mask is sized to fit it too (see `layout`). Where the output shows
+no colour (a pipe, a file, NO_COLOR), the mask's cells carry their role's letter."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from onepass_prep.format import IGNORE_INDEX
 from onepass_prep.inspection.maskgrid import mask_grid
 from onepass_prep.inspection.roles import (
     ROLE_COLOURS,
+    ROLE_LETTERS,
     ROLE_NAMES,
     TRAINED_ROLES,
     Part,
@@ -32,13 +34,14 @@ from onepass_prep.inspection.roles import (
     token_roles,
     weight_text,
 )
-from onepass_prep.inspection.runs import ShardRow
+from onepass_prep.inspection.runs import Run, ShardRow, rows_holding
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 STYLES = {role: "rgb({},{},{})".format(*colour) for role, colour in ROLE_COLOURS.items()}
 SHADES = ((1.0, "█"), (2 / 3, "▓"), (1 / 3, "▒"), (0.0, "░"))
+SHADE_TEXTS = (" all", " ≥ 2/3", " ≥ 1/3", " some")
 AXIS = 8  # characters left of the drawn mask (query token labels)
 MASK_CHROME = 2  # lines of the drawn mask besides its cell rows and legend: title, ruler
 MIN_CELLS = 10  # fewer cell rows than this beside the rest: the mask gets a screen of its own
@@ -48,6 +51,23 @@ WEIGHT_0_NOTE = "(weight-0 turns: prompt/context)"
 
 class NoSuchConversation(LookupError):
     """`--conversation ID` names no conversation of the row."""
+
+
+def conversation_row(run: Run, name: str) -> tuple[int, list[int]]:
+    """The run-wide number of the first row (of the shards read) that holds conversation
+    `name`, and any later ones (ids repeated in the input); NoSuchConversation saying why
+    none does: rejected (with the reason), or not in the rows read."""
+    holding = rows_holding(run, name)
+    if holding:
+        return holding[0], holding[1:]
+    where = run.folder if run.whole else run.shards[0][0]
+    for entry in run.rejected():
+        if entry.get("id") == name:
+            raise NoSuchConversation(
+                f"{where}: conversation {name!r} was rejected at {entry.get('source')}:{entry.get('line')} "
+                f"({entry.get('reason')})"
+            )
+    raise NoSuchConversation(f"{where}: no row holds conversation {name!r}")
 
 
 def plural(count: int, noun: str) -> str:
@@ -170,16 +190,18 @@ def snippet(text: str, limit: int) -> str:
     return set_cell_size(text, limit - tail - 3) + " … " + set_cell_size(text[::-1], tail)[::-1]
 
 
-def header(view: RowView, max_seq_len: int | None, list_ids: bool = True) -> Text:
-    """The row's place, counts and conversations (their ids unless `list_ids` is false, for
-    views that list them below), and the loss unless it is the plain one (token mean, train
-    on all, every trained turn of weight 1)."""
+def header(view: RowView, max_seq_len: int | None, list_ids: bool = True, found: str | None = None) -> Text:
+    """The row's place (and `found`: why this row, when `--conversation` found it), counts
+    and conversations (their ids unless `list_ids` is false, for views that list them
+    below), and the loss unless it is the plain one (token mean, train on all, every trained
+    turn of weight 1)."""
     row = view.row
     trained = int((row.labels != IGNORE_INDEX).sum())
     ids = row.conversation_ids
     out = Text()
     out.append(f"row {row.number}", style="bold")
-    out.append(f"  ({row.file.name}, row {row.index})\n")
+    out.append(f"  ({row.file.name}, row {row.index})")
+    out.append(f", {found}\n" if found else "\n", style="bold")
     out.append(f"{plural(len(row), 'token')}, {trained:,} trained, {plural(len(row.seg_lens), 'segment')}, ")
     out.append(f"{plural(len(row.trees), 'tree')}, {plural(len(ids), 'conversation')}")
     out.append(f": {', '.join(ids)}\n" if list_ids and ids else "\n")
@@ -317,12 +339,14 @@ def conversation_list(
 
 
 def mask_text(
-    view: RowView, width: int, max_cells: int | None = None, conversation: Conversation | None = None
+    view: RowView, width: int, max_cells: int | None = None, conversation: Conversation | None = None,
+    colour: bool = True,
 ) -> Text:
     """The mask downsampled to the width (and to at most `max_cells` cell rows): two
     characters per cell of b x b tokens, shaded by the share of visible pairs among those
-    causality allows, coloured by key role. The whole row's, or one conversation's: its
-    tokens see no other tree's, so its mask is the row's over its own token range."""
+    causality allows, coloured by key role (without `colour`: the role's letter, then the
+    shade). The whole row's, or one conversation's: its tokens see no other tree's, so its
+    mask is the row's over its own token range."""
     row, parts, offset = view.row, view.parts, 0
     title = "attention mask"
     if conversation is not None:
@@ -348,25 +372,27 @@ def mask_text(
                 out.append("· ", style="grey42")
             else:
                 shade = next(char for low, char in SHADES if fraction[line, column] >= low)
-                out.append(shade * 2, style=STYLES[Role(int(role[line, column]))])
+                key = Role(int(role[line, column]))
+                out.append(shade * 2 if colour else _plain_cell(key, shade), style=STYLES[key])
         out.append("\n")
-    out.append_text(legend(view, conversation, width))
+    out.append_text(legend(view, conversation, width, colour))
     return out
 
 
 def legend(
-    view: RowView | None = None, conversation: Conversation | None = None, width: int | None = None
+    view: RowView | None = None, conversation: Conversation | None = None, width: int | None = None,
+    colour: bool = True,
 ) -> Text:
     """The mask's legend: the roles (those of weighted turns only where the row, or the
-    conversation drawn, has them), entries kept whole on lines of `width`; and for a row
-    with weights or a run that trains only last turns, where weight-0 turns are, if that
-    takes no line more."""
+    conversation drawn, has them) by colour, or without `colour` by letter, entries kept
+    whole on lines of `width`; and for a row with weights or a run that trains only last
+    turns, where weight-0 turns are, if that takes no line more."""
     shown: set[int] = set()
     if view is not None:
         start, end = (0, len(view.row)) if conversation is None else (conversation.start, conversation.end)
         shown = set(np.unique(view.roles[start:end]).tolist())
     entries = [
-        Text("██", style=STYLES[role]) + Text(f" {ROLE_NAMES[role]}")
+        Text("██" if colour else ROLE_LETTERS[role], style=STYLES[role]) + Text(f" {ROLE_NAMES[role]}")
         for role in Role
         if role not in (Role.DOWN, Role.UP) or role in shown
     ]
@@ -376,8 +402,19 @@ def legend(
         if width is None or count_lines(noted, width) == count_lines(out, width):
             out = noted
     out.append("\n· masked (causal but not visible)   blank: key after query\n")
-    out.append("█ all, ▓ ≥ 2/3, ▒ ≥ 1/3, ░ some of a cell's causal pairs are visible")
+    if colour:
+        out.append("█ all, ▓ ≥ 2/3, ▒ ≥ 1/3, ░ some of a cell's causal pairs are visible")
+    else:
+        shaded = ", ".join(_plain_cell(Role.TRAINED, char) + text for (_, char), text in zip(SHADES, SHADE_TEXTS, strict=True))
+        out.append(f"{shaded} of a cell's causal pairs are visible")
     return out
+
+
+def _plain_cell(role: Role, shade: str) -> str:
+    """A visible cell without colour: its role's letter twice where every causal pair is
+    visible, else the letter and the shade."""
+    letter = ROLE_LETTERS[role]
+    return letter * 2 if shade == SHADES[0][1] else letter + shade
 
 
 def _entry_lines(entries: list[Text], width: int | None) -> Text:
@@ -434,6 +471,12 @@ def screen_height(console: Console) -> int | None:
     return console.height if tty else None
 
 
+def shows_colour(console: Console) -> bool:
+    """Whether `console` prints colour: a terminal (or FORCE_COLOR) without NO_COLOR. Else
+    the mask is drawn with role letters, which a file or a pager without colour keeps."""
+    return console.color_system is not None and not console.no_color
+
+
 def count_lines(renderable: RenderableType, width: int) -> int:
     """Lines `renderable` takes when printed at `width`."""
     console = Console(width=width, file=io.StringIO(), color_system=None)
@@ -441,21 +484,24 @@ def count_lines(renderable: RenderableType, width: int) -> int:
 
 
 def mask_rows(
-    height: int | None, above: int, width: int, view: RowView | None = None, conversation: Conversation | None = None
+    height: int | None, above: int, width: int, view: RowView | None = None,
+    conversation: Conversation | None = None, colour: bool = True,
 ) -> int | None:
     """Most cell rows for a mask printed below `above` lines, so that the output and the
     shell's next prompt fit `height` lines; when fewer than MIN_CELLS would fit, as many as
     fit a screen on their own (the lines above scroll away)."""
     if height is None:
         return None
-    own = height - 1 - MASK_CHROME - count_lines(legend(view, conversation, width), width)
+    own = height - 1 - MASK_CHROME - count_lines(legend(view, conversation, width, colour), width)
     return max(1, own - above if own - above >= MIN_CELLS else own)
 
 
 def layout(
-    view: RowView, width: int, height: int | None, max_seq_len: int | None, conversation: str | None = None
+    view: RowView, width: int, height: int | None, max_seq_len: int | None, conversation: str | None = None,
+    colour: bool = True, found: str | None = None,
 ) -> list[RenderableType]:
-    """What `inspect` prints without --tokens, in order.
+    """What `inspect` prints without --tokens, in order (the mask by role colour, or
+    without `colour` by role letter; `found`: see `header`).
 
     - a row of several conversations: the header, one line per conversation, the mask, all
       of it within `height` (the list is cut if need be, to leave MIN_CELLS cell rows);
@@ -466,26 +512,28 @@ def layout(
     if conversation is not None:
         chosen = view.conversation(conversation)  # NoSuchConversation before anything prints
         top: list[RenderableType] = [
-            header(view, max_seq_len, list_ids=False),
+            header(view, max_seq_len, list_ids=False, found=found),
             conversation_list(view, width, only=[chosen]),
             segment_tree(view, width, chosen),
         ]
         above = sum(count_lines(part, width) for part in top)
-        return [*top, mask_text(view, width, mask_rows(height, above, width, view, chosen), chosen)]
+        cells = mask_rows(height, above, width, view, chosen, colour)
+        return [*top, mask_text(view, width, cells, chosen, colour)]
     if len(view.conversations) <= 1:
         top = [header(view, max_seq_len), segment_tree(view, width)]
         above = sum(count_lines(part, width) for part in top)
-        return [*top, mask_text(view, width, mask_rows(height, above, width, view))]
+        return [*top, mask_text(view, width, mask_rows(height, above, width, view, colour=colour), colour=colour)]
     head = header(view, max_seq_len, list_ids=False)
     listed = conversation_list(view, width)
     if height is not None:  # cut the list to leave MIN_CELLS cell rows
-        room = height - 1 - count_lines(head, width) - MASK_CHROME - MIN_CELLS - count_lines(legend(view, width=width), width)
+        legend_lines = count_lines(legend(view, width=width, colour=colour), width)
+        room = height - 1 - count_lines(head, width) - MASK_CHROME - MIN_CELLS - legend_lines
         cut = max(1, room)  # fewer while the list (wrapped lines, blank line) is taller
         while cut > 0 and count_lines(listed, width) > room:
             listed = conversation_list(view, width, max_lines=cut)
             cut -= 1
     above = count_lines(head, width) + count_lines(listed, width)
-    return [head, listed, mask_text(view, width, mask_rows(height, above, width, view))]
+    return [head, listed, mask_text(view, width, mask_rows(height, above, width, view, colour=colour), colour=colour)]
 
 
 def token_table(view: RowView, start: int, end: int) -> Table:

@@ -1,6 +1,6 @@
 """The fast rendering path (onepass_prep/convert/chat_template.py) against the oracle it
 must equal: transformers' own `tokenizer.apply_chat_template(..., tokenize=False)`, on
-every template in tests/templates over the generated chats of every input form the
+every template test_templates converts over the generated chats of every input form the
 template tests use, plus templates that probe the sandbox. Same text byte for byte, same
 exception kind and message, byte-identical converted output, and the fallback named in
 the run's summary."""
@@ -24,7 +24,7 @@ from onepass_prep.convert.render import ENGINE_VARIABLE, Renderer
 from onepass_prep.convert.tokenizer import load_tokenizer
 
 THINK = ("<think>", "</think>")
-TEMPLATE_FILES = sorted(path.name for path in TEMPLATES.glob("*.jinja"))
+TEMPLATE_FILES = sorted(KWARGS)  # the templates test_templates converts
 
 
 @functools.cache
@@ -113,6 +113,8 @@ SANDBOX_PROBES = {
     "loop": "{% for m in messages %}{{ loop.index }}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.previtem is defined }}{{ loop.cycle('a', 'b') }}{% endfor %}",
     "namespace": "{% set ns = namespace(n=0, s='x') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}{{ ns.s.upper() }}{{ ns.missing is defined }}",
     "namespace underscore": "{% set ns = namespace() %}{% set ns._x = 1 %}{{ ns._x }}",
+    # A name safe on one type and unsafe on another: the answers are per (type, name).
+    "one name, two types": "{% set ns = namespace(pop=1) %}{{ ns.pop }}|{{ messages.pop is defined }}",
     "tools and kwargs": "{{ tools[0].function.name if tools else 'none' }}{{ bos_token }}{{ eos_token }}{{ extra }}",
     "none and tuples": "{{ none.real is defined }}{{ (1, 2).count(1) }}{{ (1, 2).index is defined }}",
     "raise": "{{ raise_exception('refused: ' ~ messages|length) }}",

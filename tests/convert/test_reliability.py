@@ -84,6 +84,24 @@ def test_strict_stops_at_the_first_bad_record(tmp_path):
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
+def test_a_run_begun_by_an_earlier_format_is_not_resumed(tmp_path):
+    """A run that stopped (here at a bad record, --strict) after a shard was written, by a
+    converter of format v3 (its progress names no format version): resuming it would add
+    v4 shards to v3 ones under a v4 manifest, so it is refused."""
+    data = tmp_path / "dirty.jsonl"
+    data.write_bytes(line(GOOD) + b"\n" + b"{oops\n")
+    out = tmp_path / "o"
+    args = ["convert", str(data), "--model", "qwen", "-o", str(out), "--strict", "--records-per-shard", "1"]
+    assert runner.invoke(app, args).exit_code == 3
+    progress = out / ".progress.jsonl"
+    lines = progress.read_text().splitlines(keepends=True)
+    begun = json.loads(lines[0])
+    assert begun["fingerprint"].pop("format_version") == 4
+    progress.write_text(json.dumps(begun) + "\n" + "".join(lines[1:]))
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 1 and "format_version changed since the run began" in resumed.output
+
+
 def test_a_finished_folder_is_refused_without_overwrite_or_resume(tmp_path, sample_path):
     out = tmp_path / "o"
     assert runner.invoke(app, ["convert", str(sample_path), "--model", "qwen", "-o", str(out)]).exit_code == 0

@@ -250,3 +250,35 @@ def test_probe_finds_a_field_exactly_when_the_template_reads_one(template):
     loaded = load_tokenizer("qwen", (TEMPLATES / template).read_text(encoding="utf-8"))
     renderer = Renderer(loaded.tokenizer, ("<think>", "</think>"), KWARGS[template])
     assert (renderer.reasoning_field(KWARGS[template]) is None) == (READS[template] is None)
+
+
+def test_probe_finds_a_field_read_only_after_a_system_message(tmp_path):
+    """field_after_system.jinja renders `reasoning_content` only in a conversation that
+    starts with a system message, so only the probes with a system message find the field
+    (docs/input.md); rows of a chat with one and a chat without train exactly the oracle's
+    samples (the field as READS, read off the template, says)."""
+    template = TEMPLATES / "field_after_system.jinja"
+    tokenizer = reference_tokenizer(template)
+    assert Renderer(tokenizer, ("<think>", "</think>")).reasoning_field({}) == READS[template.name]
+    turns = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4.", "reasoning_content": "Two and two make four."},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "6.", "reasoning_content": "Three and three make six."},
+    ]
+    records = [
+        {"id": "with-system", "messages": [{"role": "system", "content": "Be brief."}, *turns]},
+        {"id": "without", "messages": turns},
+    ]
+    write_jsonl(tmp_path / "chats.jsonl", records)
+    result = CliRunner().invoke(app, [
+        "convert", str(tmp_path / "chats.jsonl"), "--model", "qwen", "-o", str(tmp_path / "out"),
+        "--chat-template", str(template),
+    ])
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).to_pylist()
+    samples = {r["id"]: contract_samples(r, tokenizer, READS[template.name]) for r in records}
+    assert "Two and two" in tokenizer.decode(samples["with-system"][0][0]) != tokenizer.decode(samples["without"][0][0])
+    expected = sum((n_pass_pairs(found) for found in samples.values()), Counter())
+    got = weight_totals(sum((one_pass_pairs(row, with_weight=True) for row in rows), Counter()))
+    assert got == {pair: float(count) for pair, count in expected.items()}

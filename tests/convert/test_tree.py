@@ -49,6 +49,7 @@ def test_every_trained_pair_exactly_once(samples):
     assert layout.seg_lens.sum() == len(layout)
     assert all(0 <= p < s or p == -1 for s, p in enumerate(layout.seg_parents))
     assert layout.n_pass_tokens == sum(len(ids) for ids, start in samples if start < len(ids))
+    assert layout.n_pass_pairs == sum(len(ids) * (len(ids) + 1) // 2 for ids, start in samples if start < len(ids))
 
 
 @settings(max_examples=300, deadline=None)

@@ -175,10 +175,10 @@ def test_folder_without_manifest_is_an_unfinished_run(tmp_path: Path) -> None:
 
 
 def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
-    folder = write_run(tmp_path / "v4", [copy.deepcopy(BASE)], 4, 2, version=4)
-    with pytest.raises(FormatError, match="format_version 4 is unknown"):
+    folder = write_run(tmp_path / "v5", [copy.deepcopy(BASE)], 4, 2, version=5)
+    with pytest.raises(FormatError, match="format_version 5 is unknown"):
         OnePassDataset(folder, cache_dir=tmp_path / "cache")
-    with pytest.raises(FormatError, match="format_version 4 is unknown"):
+    with pytest.raises(FormatError, match="format_version 5 is unknown"):
         OnePassIterableDataset(folder)
 
 

@@ -35,6 +35,7 @@ READS = {
     "prompt_not_prefix.jinja": "reasoning_content",
     "kimi-k2-thinking.jinja": "reasoning_content",  # only after the last plain answer
     "field_after_first_answer.jinja": "reasoning_content",  # only after the first answer
+    "field_after_system.jinja": "reasoning_content",  # only when a system message comes first
 }
 
 

@@ -195,7 +195,7 @@ def test_terminal_mask_of_a_short_row():
     block = -(-length // TERMINAL_CELLS)
     assert f"1 cell = {block}x{block} tokens" in lines[top]
     grid = [line[8:] for line in lines[top + 2 : top + 2 + -(-length // block)]]
-    assert grid[0].strip() == "██"  # token 0 sees itself
+    assert grid[0].strip() == "PP"  # token 0 (prompt) sees itself; no colour here: role letters
     assert all(len(line) == 2 * (i + 1) for i, line in enumerate(grid))  # lower triangle
     assert any("· " in line for line in grid)  # the masked sibling block
     assert "answer-only copy" in result.output and "masked (causal but not visible)" in result.output

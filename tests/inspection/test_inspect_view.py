@@ -3,6 +3,7 @@ fits the terminal, its conversations are listed once each with the ranges its ma
 gives, `--conversation ID` shows that conversation's tree and mask only, and the header
 counts in the singular and the plural. Expected values come from the Parquet rows."""
 
+import json
 import re
 from collections import Counter
 
@@ -14,6 +15,9 @@ from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
+from onepass_prep.convert.tokenizer import load_tokenizer
+from onepass_prep.inspection.roles import ROLE_NAMES, Role, marker_ids, token_roles
+from onepass_prep.inspection.runs import iter_rows, open_run
 
 runner = CliRunner()
 # One list entry: id, tokens a..b, segments, trained tokens, turns (docs/inspect.md).
@@ -191,7 +195,7 @@ def test_conversation_fits_the_terminal_too():
 
 def test_unknown_conversation_is_one_line_naming_it_and_the_rows_ids():
     out = packed()
-    result = inspect(out, "--conversation", "no-such-chat")
+    result = inspect(out, "--conversation", "no-such-chat", "--row", 0)
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if "error:" in line]
     assert len(errors) == 1 and "no conversation 'no-such-chat'" in errors[0]
@@ -228,3 +232,80 @@ def test_png_and_tokens_are_unchanged_by_the_view(tmp_path):
     result = inspect(out, "--tokens", "0:3", columns=120)
     assert result.exit_code == 0, result.output
     assert "row 0, tokens 0..2" in result.output and "attention mask" not in result.output
+
+
+def test_conversation_is_found_in_the_row_that_holds_it():
+    """Without --row, --conversation looks through the run and the header says which row
+    holds it; with a --row that does not hold it, the error says where it is; an id of a
+    rejected record names the rejection."""
+    out = converted("no-pack", "--no-pack")
+    number = row_number(out, "tools-001")
+    assert number > 0  # not the default row 0
+    result = inspect(out, "--conversation", "tools-001")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"row {number}  (part-00000.parquet, row {number}), the row that holds tools-001\n")
+    assert [entry[0] for entry in listed(result.output)] == ["tools-001"]
+    result = inspect(out, "--conversation", "tools-001", "--row", 0)
+    assert result.exit_code == 1
+    assert "row 0 holds no conversation 'tools-001'" in result.output
+    assert f"it is in row {number}" in result.output.replace("\n", " ")
+    result = inspect(out, "--conversation", "no-such-chat")
+    assert result.exit_code == 1 and "no row holds conversation 'no-such-chat'" in result.output
+    assert "attention mask" not in result.output
+    limited = converted("max-700", "--max-seq-len", "700")
+    rejection = json.loads((limited / "rejected.jsonl").read_text().splitlines()[0])
+    result = inspect(limited, "--conversation", rejection["id"], columns=400)
+    assert result.exit_code == 1
+    assert f"was rejected at {rejection['source']}:{rejection['line']} ({rejection['reason']})" in result.output
+
+
+def role_of_letter(output: str) -> dict[str, str]:
+    """The legend's role entries without colour: letter -> role name."""
+    names = "|".join(re.escape(name) for name in ROLE_NAMES.values())
+    return {letter: name for letter, name in re.findall(rf"(?:^|   )(\S) ({names})(?=   |$)", output, re.M)}
+
+
+def test_without_colour_the_mask_and_legend_use_role_letters():
+    """Output that is not a terminal has no colour: each role has a letter of its own in the
+    legend, and each visible cell shows the letter of the key role with the most visible
+    pairs (twice where every causal pair of the cell is visible, else with its shade),
+    counted here from the FORMAT.md mask and the roles."""
+    out = converted("no-pack", "--no-pack")
+    number = row_number(out, "tools-001")
+    result = inspect(out, "--row", number)
+    assert result.exit_code == 0, result.output
+    letters = role_of_letter(result.output)
+    assert sorted(letters.values()) == sorted(ROLE_NAMES[role] for role in Role if role not in (Role.DOWN, Role.UP))
+    assert "\x1b[" not in result.output
+    row = next(r for r in iter_rows(open_run(out)) if r.number == number)
+    roles = token_roles(row, marker_ids(load_tokenizer("qwen").tokenizer))
+    visible = dense_mask(row.seg_lens, row.seg_parents)
+    _, block, cells, _ = mask_lines(result.output)
+    edges = list(range(0, len(row), block)) + [len(row)]
+    causal = np.tril(np.ones((len(row), len(row)), bool))
+    shades = {"▓": 2 / 3, "▒": 1 / 3, "░": 0}
+    seen = set()
+    for i, line in enumerate(cells):
+        for j in range(i + 1):
+            cell = line[8 + 2 * j : 10 + 2 * j]
+            queries, keys = slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])
+            seen_pairs = visible[queries, keys]
+            if not seen_pairs.any():
+                continue
+            counts = [int(seen_pairs[:, roles[keys] == role].sum()) for role in Role]
+            assert letters[cell[0]] == ROLE_NAMES[Role(int(np.argmax(counts)))], (i, j, cell)
+            share = seen_pairs.sum() / causal[queries, keys].sum()
+            assert cell[1] == cell[0] if share == 1 else share >= shades[cell[1]], (i, j, cell)
+            seen.add(cell[0])
+    assert {letters[letter] for letter in seen} >= {"prompt/context", "trained", "answer-only copy", "tool output"}
+
+
+def test_in_a_terminal_the_legend_is_coloured_blocks():
+    """FORCE_COLOR (a terminal, or `less -R`) keeps the coloured blocks."""
+    out = converted("no-pack", "--no-pack")
+    env = {"COLUMNS": "100", "LINES": None, "TERM": "xterm-256color", "FORCE_COLOR": "1", "NO_COLOR": None}
+    result = runner.invoke(app, ["inspect", str(out)], env=env)
+    assert result.exit_code == 0, result.output
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.output)
+    assert plain != result.output and "██ prompt/context" in plain and "██ trained" in plain
+    assert role_of_letter(plain) == {}

@@ -1,13 +1,17 @@
 """`onepass-prep stats` against independent counts: N-pass samples rendered straight with
 `apply_chat_template` (tests/reference.py) and masks built by the FORMAT.md rule."""
 
+import copy
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from helpers.paths import SAMPLE, TEMPLATES
 from helpers.reference import dense_mask, source_samples
-from helpers.runs import cli, converted, rows
+from helpers.runs import cli, converted, rows, write_jsonl
 
 from onepass_prep.inspection.runs import iter_rows, open_run
 
@@ -42,9 +46,9 @@ def stats_json(out) -> dict:
 @pytest.mark.parametrize("template", ["qwen3", "keep", "strip"])
 def test_trained_runs_are_the_n_pass_samples(template):
     """The derivation stats relies on, proved on real layouts: per conversation, the trained
-    runs are the samples with trained tokens, and each ends at depth len(sample) - 1. (A
-    tree that conversations share does not derive: stats counts it in rows_not_derived;
-    under the strip template the sample chats share their system prompts.)"""
+    runs are the samples with trained tokens, and each ends at depth len(sample) - 1. (In a
+    tree that conversations share several samples can end at one run: see
+    test_n_pass_pairs_of_shared_trees_are_exact.)"""
     out = converted(f"no-pack-unshared-{template}", "--no-pack", "--no-share-prefixes", *template_options(template))
     expected = reference_samples(template)
     for row in iter_rows(open_run(out)):
@@ -69,7 +73,7 @@ def test_stats_numbers_match_independent_counts(pack):
     assert stats["tokens"]["trained"] == sum(len(ids) - start for ids, start in samples)
     n_pass_pairs = sum(len(ids) * (len(ids) + 1) // 2 for ids, _ in samples)
     assert stats["attention_pairs"]["n_pass"] == n_pass_pairs
-    assert stats["attention_pairs"]["n_pass_exact"] is True
+    assert stats["attention_pairs"]["rows_without_n_pass"] == 0
     if not pack:  # small rows: count the FORMAT.md mask itself
         one_pass_pairs = sum(
             int(dense_mask(row["mask_spec"]["seg_lens"], row["mask_spec"]["seg_parents"]).sum())
@@ -166,3 +170,83 @@ def test_stats_reports_the_audits_of_dropped_reasoning_and_tool_calls(tmp_path):
     assert stats["reasoning_audit"] == {"turns_with_reasoning": 1, "reasoning_dropped": 1}
     table = cli("stats", out).output
     assert table_cells(table, "tool calls dropped")[1] == "2 of 2 turns"
+
+
+SHARED_CHATS = 6  # sample chats of several turns that shared_input copies
+
+
+@pytest.fixture(scope="module")
+def shared_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first sample chats of several turns, each with a copy that ends after its first
+    assistant turn and a copy whose last answer differs: trees that conversations share,
+    with branches at a turn and conversations that end inside another's path. Then the
+    sample's tool chats, each with copies that end after its first and second assistant
+    turns: Qwen3 keeps the reasoning of a tool chain, so each copy is the start of the
+    longer chats (several in a row), and the samples ending inside a segment another
+    conversation continues are not seen in the tree."""
+    records: list[dict] = []
+    tools: list[dict] = []
+    for line in SAMPLE.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        turns = [i for i, message in enumerate(record.get("messages", [])) if message["role"] == "assistant"]
+        if any(message.get("tool_calls") for message in record.get("messages", [])):
+            tools += [record] + [
+                {**record, "id": f"{record['id']}-{n}", "messages": record["messages"][: turns[n] + 1]} for n in (0, 1)
+            ]
+        if len(turns) < 2 or len(records) == 3 * SHARED_CHATS:
+            continue
+        other = copy.deepcopy(record["messages"])
+        other[turns[-1]]["content"] = "A different answer."
+        records += [record, {**record, "id": record["id"] + "-first", "messages": record["messages"][: turns[0] + 1]},
+                    {**record, "id": record["id"] + "-other", "messages": other}]
+    path = tmp_path_factory.mktemp("shared") / "shared.jsonl"
+    write_jsonl(path, records + tools)
+    return path
+
+
+SHARED_CASES = [("strip", "all"), ("keep", "all"), ("keep", "last"), ("qwen3", "all")]
+
+
+@pytest.mark.parametrize(("template", "train_on"), SHARED_CASES)
+def test_n_pass_pairs_of_shared_trees_are_exact(template, train_on, shared_input):
+    """Trees that conversations share (the sample's system prompts, first turns and prompts
+    with two answers make them; under the keep template and Qwen3's tool chains, chats
+    that are each the start of another): the N-pass tokens and pairs equal those of the
+    samples rendered without the converter (--train-on last: each conversation's last)."""
+    data = shared_input
+    out = converted(f"shared-{template}-{train_on}", "--train-on", train_on, *template_options(template), source=data)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens"]["one_pass"] < manifest["tokens"]["unshared"]  # trees are shared
+    stats = stats_json(out)
+    trained = [[s for s in samples if s[1] < len(s[0])] for samples in source_samples(data, TEMPLATE_FILES[template]).values()]
+    samples = [s for conversation in trained for s in (conversation if train_on == "all" else conversation[-1:])]
+    assert stats["tokens"]["n_pass"] == sum(len(ids) for ids, _ in samples)
+    assert stats["attention_pairs"]["n_pass"] == sum(len(ids) * (len(ids) + 1) // 2 for ids, _ in samples)
+    assert stats["attention_pairs"]["rows_without_n_pass"] == 0
+    pairs = table_cells(cli("stats", out).output, "attention pairs")
+    assert pairs[2] == f"{stats['attention_pairs']['n_pass']:,}"
+
+
+def as_format_v3(run: Path, folder: Path) -> Path:
+    """A copy of a run as format v3 wrote it: no n_pass_pairs column."""
+    shutil.copytree(run, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        shard = folder / entry["file"]
+        pq.write_table(pq.read_table(shard).drop_columns(["n_pass_pairs"]), shard, compression="zstd")
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))
+    return folder
+
+
+def test_n_pass_pairs_of_a_v3_run(tmp_path, shared_input):
+    """A v3 run records no N-pass pairs: where each tree holds one conversation they are
+    derived (one sample ends at each trained run), the same as v4 records; a shared tree
+    does not determine them, so none are shown rather than an estimate."""
+    unshared = converted("no-pack", "--no-pack")
+    assert stats_json(as_format_v3(unshared, tmp_path / "unshared"))["attention_pairs"] == stats_json(unshared)["attention_pairs"]
+    shared = as_format_v3(converted("shared-qwen3-all", "--train-on", "all", source=shared_input), tmp_path / "shared")
+    pairs = stats_json(shared)["attention_pairs"]
+    assert pairs["n_pass"] is None and pairs["saving"] is None and pairs["rows_without_n_pass"] > 0
+    text = cli("stats", shared).output
+    assert table_cells(text, "attention pairs")[2] == "?"
+    assert "earlier format" in text

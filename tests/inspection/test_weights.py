@@ -265,7 +265,7 @@ def test_inspect_lists_each_conversations_weights(weighted, samples):
     result = cli("inspect", out, columns=200)
     assert head + "\n" in result.output
     legend = "\n".join(result.output.splitlines()[-4:-2])
-    assert "██ trained, w < 1" in legend and "██ trained, w > 1" in legend
+    assert "D trained, w < 1" in legend and "U trained, w > 1" in legend  # letters: no colour
     assert "(weight-0 turns: prompt/context)" in legend
 
 

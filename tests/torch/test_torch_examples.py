@@ -14,6 +14,7 @@ from helpers.paths import ROOT
 from typer.testing import CliRunner
 
 from onepass_prep.cli import app
+from onepass_prep.torch import OnePassDataset
 
 EXAMPLES = ROOT / "examples"
 
@@ -36,15 +37,24 @@ def out_dirs(tmp_path_factory: pytest.TempPathFactory, sample_path: Path) -> dic
 
 
 @pytest.mark.parametrize(
-    ("name", "data"),
-    [("train_plain", "token"), ("train_plain", "conversation"), ("train_trainer", "conversation"),
-     ("train_sft", "conversation")],
+    ("name", "data", "steps"),
+    [("train_plain", "token", None), ("train_plain", "conversation", 1), ("train_trainer", "conversation", 1),
+     ("train_sft", "conversation", 1)],
 )
-def test_example_trains(name: str, data: str, out_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_example_trains(name: str, data: str, steps: int | None, out_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """None: the example's default steps (3, with --accumulation 2), which the plain loop
+    runs over as many epochs as the data's one row needs, and says so."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}  # the Arrow copy of the shards
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / f"{name}.py"), str(out_dirs[data]), "--steps", "1"],
+        [sys.executable, str(EXAMPLES / f"{name}.py"), str(out_dirs[data]), *(["--steps", str(steps)] if steps else [])],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loss" in done.stdout
+    if steps is None:
+        rows = len(OnePassDataset(out_dirs[data]))
+        assert rows == 1 and "1 row per epoch, 2 per step (--accumulation): 1 step per epoch" in done.stdout
+        assert "3 steps over 3 epochs" in done.stdout
+        assert [line.split(":")[0] for line in done.stdout.splitlines() if ": loss " in line] == [
+            f"epoch {step} step {step}" for step in range(3)
+        ]
