@@ -19,6 +19,7 @@ terms, that it is one of the three kinds.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -92,6 +93,9 @@ def layer_kinds(model: PreTrainedModel) -> list[LayerKind]:
         mixer = _ordered_mixer(layer)
         if mixer:
             kinds[i] = LayerKind(kinds[i].layer_type, None, refusal=f"runs {mixer}, which reads the row in order")
+    refusal = _attention_refusal(model, config, count)
+    if refusal:  # attention that a mask cannot fix: its positions or its causality are not the tree's
+        kinds = [LayerKind(k.layer_type, None, refusal=refusal) if k.attention else k for k in kinds]
     if handles(model):  # Gated DeltaNet layers that recurrent.py hands their parent's state
         kinds = [
             LayerKind(k.layer_type, "recurrent") if k.layer_type in RECURRENT_LAYER_TYPES else k
@@ -143,6 +147,29 @@ def _whole_model_refusal(config: PreTrainedConfig) -> str | None:
     for field, value in sorted(config.to_dict().items()):
         if _WINDOW_FIELD.search(field) and field not in _KNOWN_FIELDS and value not in (None, False, 0, [], ""):
             return f"config field {field}={value!r}, a mask onepass-prep does not know"
+    return None
+
+
+def _attention_refusal(model: nn.Module, config: PreTrainedConfig, count: int) -> str | None:
+    """Why attention layers that the config calls full, sliding or chunked still differ from
+    N passes, read from the modules: BERT-style self-attention built non-causal
+    (``is_decoder`` false), ALiBi biases built from the row index (MPT, Falcon with
+    ``alibi``), or positions computed from the row index because no module on the way to the
+    layers takes ``position_ids`` (BART and its kin, TrOCR, Bloom): a branch deeper in the row
+    would get its row offset as its position."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    if not names:  # an unknown layout: nothing to read
+        return None
+    first_layer = model.get_submodule(f"{names[0]}.0")
+    causal = [m.is_causal for m in first_layer.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if causal and not any(causal):
+        return "bidirectional self-attention, is_causal false: a decoder needs is_decoder=True"
+    if getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False):
+        return "ALiBi attention, whose biases come from the row index, not position_ids"
+    parts = names[0].split(".")
+    path = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]
+    if not any("position_ids" in inspect.signature(m.forward).parameters for m in path):
+        return "attention whose positions come from the row index, not position_ids"
     return None
 
 

@@ -158,8 +158,11 @@ def test_every_stock_config_gives_a_verdict_per_implementation_or_one_line(tmp_p
     # an error inside transformers under one implementation leaves the others' verdicts
     assert got["lfm2"]["flex_attention"].startswith("not available the one-pass run fails: AttributeError")
     assert got["lfm2"]["eager"].startswith("exact ")
-    # a bidirectional model (BERT without is_decoder) is not compared against itself
-    assert all("is not causal" in got["bert"][name] for name in IMPLEMENTATIONS if name in got["bert"])
+    # a bidirectional model (BERT without is_decoder) is refused by the hook, never compared
+    assert all(
+        got["bert"][name].startswith("refused") and "bidirectional self-attention, is_causal false" in got["bert"][name]
+        for name in IMPLEMENTATIONS
+    ), outputs["bert"]
     # a long refusal is printed once
     assert outputs["nemotron_h"].count("cannot train on tree rows exactly") == 1, outputs["nemotron_h"]
     assert outputs["mistral4"] == "error: transformers has no causal language model for 'mistral4' (Mistral4Config)\n"

@@ -368,3 +368,48 @@ def test_window_block_tables_equal_create_block_mask_tile_by_tile(window, chunk,
     for name in TABLES:
         assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
     assert torch.equal(create_mask(mine.mask_mod, len(rows), 1, length, length, device="cpu")[:, 0], rule)
+
+
+ROW_INDEX_ATTENTION = {
+    "bart": (lambda: T.BartConfig(
+        vocab_size=512, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+    ), "BartForCausalLM cannot train on tree rows exactly: layers a layer (attention whose positions "
+       "come from the row index, not position_ids)"),
+    "mpt": (lambda: T.MptConfig(vocab_size=512, d_model=32, n_heads=4, n_layers=2),
+            "MptForCausalLM cannot train on tree rows exactly: layers a layer (ALiBi attention, whose "
+            "biases come from the row index, not position_ids)"),
+    "falcon_alibi": (lambda: T.FalconConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+    ), "FalconForCausalLM cannot train on tree rows exactly: layers a layer (ALiBi attention, whose "
+       "biases come from the row index, not position_ids)"),
+    "bert": (lambda: T.BertConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    ), "BertLMHeadModel cannot train on tree rows exactly: layers a layer (bidirectional "
+       "self-attention, is_causal false: a decoder needs is_decoder=True)"),
+}
+
+
+@pytest.mark.parametrize("name", ROW_INDEX_ATTENTION)
+def test_attention_a_mask_cannot_fix_is_refused(name: str) -> None:
+    """Attention the config calls full that still differs from N passes: positions from the
+    row index (BART's decoder takes no position_ids), ALiBi, or a BERT built bidirectional."""
+    config, message = ROW_INDEX_ATTENTION[name]
+    model = T.AutoModelForCausalLM.from_config(config(), attn_implementation="eager")
+    with pytest.raises(ValueError) as refused:
+        install_mask_hook(model)
+    assert str(refused.value) == message + REASON
+
+
+def test_a_bert_decoder_and_whisper_are_let_through() -> None:
+    """BERT built as a decoder is causal and reads position_ids; Whisper's causal LM takes them
+    through its decoder: neither is refused."""
+    bert = T.BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, is_decoder=True)
+    whisper = T.WhisperConfig(vocab_size=512, d_model=32, encoder_layers=2, decoder_layers=2,
+                              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                              decoder_ffn_dim=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              decoder_start_token_id=1)
+    for config in (bert, whisper):
+        model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        assert {kind.attention for kind in check_layers(model)} == {"full"}
