@@ -175,7 +175,7 @@ def test_stats_of_an_unweighted_and_a_v1_run_say_weight_1(weighted, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["shards"]:
         table = pq.read_table(out / entry["file"])
-        table = table.drop_columns(["loss_weights", "loss_units", "conversation_segments"]).cast(SCHEMA_V1)
+        table = table.drop_columns(["loss_weights", "loss_units", "conversation_segments", "n_pass_pairs"]).cast(SCHEMA_V1)
         pq.write_table(table, v1 / entry["file"], compression="zstd")
     manifest["format_version"] = 1
     del manifest["loss"]
