@@ -77,7 +77,9 @@ def build_attention_mask(
     if chosen == "tree":
         raise ValueError(f"tree attention takes no mask: pass {PLAN_KEY}=tree_plan(subtree_end)")
     subtree_end = subtree_end.to(model.device, non_blocking=True)
-    by_type = {layer.layer_type: layer for layer in layers if layer.attention != "recurrent"}
+    by_type = {
+        layer.layer_type: layer for layer in layers if layer.attention not in ("recurrent", "positionwise")
+    }
     built: dict[tuple, Mask] = {}
     masks: dict[str | None, Mask] = {}
     for layer_type, layer in by_type.items():
@@ -166,7 +168,7 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
         model.set_attn_implementation(TREE_ATTENTION)
     _kind_for(model, kind)  # fail at install time on an impossible combination
     recurrent = handles(model)
-    if recurrent:  # linear-attention layers: each segment from its parent's state (recurrent.py)
+    if recurrent:  # recurrent mixers: each chain from its parent's state (recurrent/)
         install_tree_recurrence(model)
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
