@@ -50,7 +50,8 @@ _TINY: dict[str, Any] = dict(
     kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
     linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
     mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=1, mamba_d_ssm=32,
-    mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, initializer_range=0.3,
+    mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, linear_num_heads=2, linear_head_dim=8,
+    initializer_range=0.3,
 )
 
 
@@ -79,7 +80,7 @@ def tiny_config(config: PreTrainedConfig, vocab: int = VOCAB, longest: int = 0) 
     layer type (at least two layers), small widths, windows of WINDOW and chunks of CHUNK."""
     text = config.get_text_config()
     values = copy.deepcopy(text.to_dict())
-    count = int(values["num_hidden_layers"])
+    count = int(text.num_hidden_layers)  # Nemotron-H derives it from its layer types
     types = getattr(text, "layer_types", None)
     keep = min(count, 2)
     if types:
