@@ -166,8 +166,14 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
             )
         register_tree_attention()
         model.set_attn_implementation(TREE_ATTENTION)
-    _kind_for(model, kind)  # fail at install time on an impossible combination
     recurrent = handles(model)
+    if recurrent and _kind_for(model, kind) == "flex":
+        raise ValueError(
+            f"{type(model).__name__} has recurrent layers, and transformers hands a flex BlockMask to its "
+            "create_recurrent_attention_mask, which takes only tensors: use attn_implementation 'sdpa' or "
+            "'eager', or install_mask_hook(model, kind='tree')"
+        )
+    _kind_for(model, kind)  # fail at install time on an impossible combination
     if recurrent:  # recurrent mixers: each chain from its parent's state (recurrent/)
         install_tree_recurrence(model)
 
