@@ -323,13 +323,15 @@ def training_step(count: int, repeats: int) -> dict:
     }
 
 
-def hybrid_step(count: int, repeats: int) -> dict:
-    """Forward + backward of a small random Qwen3.5-shaped hybrid (CPU; three Gated DeltaNet
-    layers, one full-attention layer): one-pass rows (sdpa, dense mask; the linear-attention
-    layers level by level of the tree, recurrent.py) vs the N-pass samples, on the chats of the
-    training step. Also the levels and kernel calls per row that the tree schedule costs."""
+def hybrid_step(count: int, repeats: int, mixer: str = "gated_deltanet") -> dict:
+    """Forward + backward of a small random hybrid (CPU): Qwen3.5-shaped (``gated_deltanet``:
+    three Gated DeltaNet layers, one full-attention layer) or Nemotron-H-shaped (``mamba2``:
+    three Mamba-2 layers, two MLP blocks, one full-attention layer). One-pass rows (sdpa, dense
+    mask; the recurrent layers level by level of the tree, recurrent/) vs the N-pass samples,
+    on the chats of the training step. Also the levels and kernel calls per row that the tree
+    schedule costs."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, NemotronHConfig
     from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
 
     from onepass_prep.torch import OnePassCollator, install_mask_hook
@@ -338,12 +340,20 @@ def hybrid_step(count: int, repeats: int) -> dict:
     torch.backends.mkldnn.enabled = False
     torch.manual_seed(0)
     rows, samples, vocab = benchmark_chats(count)
-    config = Qwen3_5TextConfig(
-        vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=32, linear_num_key_heads=4,
-        linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
-        layer_types=["linear_attention"] * 3 + ["full_attention"],
-    )
+    if mixer == "mamba2":
+        config = NemotronHConfig(
+            vocab_size=vocab, hidden_size=256, intermediate_size=768, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=32, mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=64,
+            n_groups=2, chunk_size=128,
+            layer_types=["linear_attention", "mlp", "linear_attention", "full_attention", "linear_attention", "mlp"],
+        )
+    else:
+        config = Qwen3_5TextConfig(
+            vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=32, linear_num_key_heads=4,
+            linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+        )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     collate = OnePassCollator(pad_to_multiple_of=1)
 
@@ -516,6 +526,8 @@ def main() -> None:
     if "hybrid" in only:
         print("hybrid step ...", flush=True)
         results["hybrid_step"] = hybrid_step(1 if quick else 6, repeats=1 if quick else 3)
+        print("hybrid step, Mamba-2 ...", flush=True)
+        results["hybrid_step_mamba2"] = hybrid_step(1 if quick else 6, repeats=1 if quick else 3, mixer="mamba2")
     if "memory" in only:
         print("memory ...", flush=True)
         results["memory"] = memory([200, 400] if quick else [10_000, 100_000])
@@ -556,6 +568,9 @@ def report(results: dict) -> str:
     if "hybrid_step" in results:
         h = results["hybrid_step"]
         lines.append(f"| training step time one-pass / N-pass, Qwen3.5-shaped hybrid (Gated DeltaNet level by level, {h['levels_per_row']:.1f} levels and {h['kernel_calls_per_row']:.1f} kernel calls per chat) | {h['time_one_pass_over_n_pass']:.2f} (tokens {h['tokens_one_pass_over_n_pass']:.2f}) | x tokens ratio: {h['time_ratio_over_tokens_ratio']:.2f} |")
+    if "hybrid_step_mamba2" in results:
+        h = results["hybrid_step_mamba2"]
+        lines.append(f"| training step time one-pass / N-pass, Nemotron-H-shaped hybrid (Mamba-2 level by level, {h['levels_per_row']:.1f} levels and {h['kernel_calls_per_row']:.1f} kernel calls per chat) | {h['time_one_pass_over_n_pass']:.2f} (tokens {h['tokens_one_pass_over_n_pass']:.2f}) | x tokens ratio: {h['time_ratio_over_tokens_ratio']:.2f} |")
     for m in results.get("memory", []):
         lines.append(f"| convert peak RSS, {m['conversations']:,} chats ({m['input_mb']:.0f} MB in) | {m['peak_rss_mb']:.0f} MB | < 500 MB, flat |")
     if "hostile" in results:

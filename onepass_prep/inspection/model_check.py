@@ -55,7 +55,8 @@ _TINY: dict[str, Any] = dict(
     kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
     linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
     mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=1, mamba_d_ssm=32,
-    mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, initializer_range=0.3,
+    mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, linear_num_heads=2, linear_head_dim=8,
+    initializer_range=0.3,
 )
 
 

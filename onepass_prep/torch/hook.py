@@ -77,7 +77,9 @@ def build_attention_mask(
     if chosen == "tree":
         raise ValueError(f"tree attention takes no mask: pass {PLAN_KEY}=tree_plan(subtree_end)")
     subtree_end = subtree_end.to(model.device, non_blocking=True)
-    by_type = {layer.layer_type: layer for layer in layers if layer.attention != "recurrent"}
+    by_type = {
+        layer.layer_type: layer for layer in layers if layer.attention not in ("recurrent", "positionwise")
+    }
     built: dict[tuple, Mask] = {}
     masks: dict[str | None, Mask] = {}
     for layer_type, layer in by_type.items():
@@ -164,9 +166,15 @@ def install_mask_hook(model: PreTrainedModel, kind: MaskKind | None = None) -> R
             )
         register_tree_attention()
         model.set_attn_implementation(TREE_ATTENTION)
-    _kind_for(model, kind)  # fail at install time on an impossible combination
     recurrent = handles(model)
-    if recurrent:  # linear-attention layers: each segment from its parent's state (recurrent.py)
+    if recurrent and _kind_for(model, kind) == "flex":
+        raise ValueError(
+            f"{type(model).__name__} has recurrent layers, and transformers hands a flex BlockMask to its "
+            "create_recurrent_attention_mask, which takes only tensors: use attn_implementation 'sdpa' or "
+            "'eager', or install_mask_hook(model, kind='tree')"
+        )
+    _kind_for(model, kind)  # fail at install time on an impossible combination
+    if recurrent:  # recurrent mixers: each chain from its parent's state (recurrent/)
         install_tree_recurrence(model)
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -3,18 +3,19 @@
 One pass over a tree row equals N separate passes only if every layer mixes positions through
 attention whose mask says who sees whom: full attention (the tree rule), a sliding window
 (the tree rule and ``p[q] - p[kv] < W``) or chunked attention (the tree rule and
-``p[q] // C == p[kv] // C``), with ``p`` the row's ``position_ids``. A layer that reads the row
-in order (linear attention, a state-space scan, a short convolution) carries its state from
-one branch into its sibling, and no mask can stop that: such models are refused here, in
-``check_layers``, the one place that raises. The exception is a Gated DeltaNet layer that
-recurrent.py knows (Qwen3.5, Qwen3-Next): it runs each segment from its parent's final
-state instead of reading the row in order, so it is exact too (kind ``recurrent``).
+``p[q] // C == p[kv] // C``), with ``p`` the row's ``position_ids``; or mixes none (Nemotron-H's
+``mlp`` and ``moe`` blocks). A layer that reads the row in order (linear attention, a
+state-space scan, a short convolution) carries its state from one branch into its sibling,
+and no mask can stop that, unless the recurrent package drives its mixer: then each chain of
+tokens starts from its parent's state and the layer is exact too (kind ``recurrent``, or an
+attention kind with ``mixer`` set where attention and the mixer run side by side, as in
+Falcon-H1). Everything else is refused here, in ``check_layers``, the one place that raises.
 
 The verdict comes from the config (``layer_types`` and the window and chunk fields, what
 transformers' own mask functions read) and from the layers' modules (Falcon-H1's config
 says nothing, yet a state-space mixer runs beside every attention), never from a list of
 model names: an architecture transformers adds later is refused unless it says, in these
-terms, that it is one of the three kinds.
+terms, that it is one of these kinds.
 """
 
 from __future__ import annotations
@@ -26,20 +27,27 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
-from .recurrent import RECURRENT_LAYER_TYPES, handles
+from .recurrent import mixer_for, unsupported
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
-# "recurrent": a linear-attention layer that recurrent.py runs from each segment's parent state.
-Attention = Literal["full", "sliding", "chunked", "recurrent"]
+# "recurrent": a mixer the recurrent package runs from each chain's parent state, no attention;
+# "positionwise": a layer that mixes no positions (an MLP or MoE block of its own).
+Attention = Literal["full", "sliding", "chunked", "recurrent", "positionwise"]
 
 _ATTENTION_TYPES: dict[str, Attention] = {
     "full_attention": "full",
     "sliding_attention": "sliding",
     "chunked_attention": "chunked",
 }
-_READ_IN_ORDER = {"linear_attention", "mamba", "mamba2", "conv", "hybrid", "recurrent", "ssm"}
+# The kinds a mask makes exact, and so the ones an attention refusal takes back.
+_MASKED = frozenset(_ATTENTION_TYPES.values())
+_READ_IN_ORDER = {"linear_attention", "mamba", "mamba2", "conv", "recurrent", "ssm"}
+# A layer with attention and a recurrent mixer side by side (Falcon-H1): full attention, and
+# exact only if the mixer is driven.
+_PARALLEL = "hybrid"
+_POSITIONWISE = {"mlp", "moe"}
 # Config fields about windows that transformers turns into ``layer_types`` (or reads as the
 # window itself); any other window-like field is a mask this module does not know.
 _KNOWN_FIELDS = {
@@ -65,16 +73,20 @@ class LayerKind:
     window: int | None = None
     chunk: int | None = None
     refusal: str | None = None
+    mixer: str | None = None  # the recurrent mixer's kind (recurrent/), alone or beside attention
 
     def describe(self) -> str:
+        beside = f" beside {self.mixer}, each chain from its parent's state" if self.mixer else ""
         if self.attention == "sliding":
-            return f"sliding window {self.window}"
+            return f"sliding window {self.window}{beside}"
         if self.attention == "chunked":
-            return f"chunks of {self.chunk}"
+            return f"chunks of {self.chunk}{beside}"
         if self.attention == "full":
-            return "full attention"
+            return f"full attention{beside}"
         if self.attention == "recurrent":
-            return "linear attention, each segment from its parent's state"
+            return f"{self.mixer}, each chain from its parent's state"
+        if self.attention == "positionwise":
+            return "no mixing across positions"
         return f"{self.layer_type or 'a layer'} ({self.refusal})"
 
 
@@ -91,17 +103,24 @@ def layer_kinds(model: PreTrainedModel) -> list[LayerKind]:
     ]
     for i, layer in enumerate(_decoder_layers(model, count)):
         mixer = _ordered_mixer(layer)
-        if mixer:
-            kinds[i] = LayerKind(kinds[i].layer_type, None, refusal=f"runs {mixer}, which reads the row in order")
+        if mixer is not None:
+            kinds[i] = _with_mixer(kinds[i], mixer)
     refusal = _attention_refusal(model, config, count)
     if refusal:  # attention that a mask cannot fix: its positions or its causality are not the tree's
-        kinds = [LayerKind(k.layer_type, None, refusal=refusal) if k.attention else k for k in kinds]
-    if handles(model):  # Gated DeltaNet layers that recurrent.py hands their parent's state
-        kinds = [
-            LayerKind(k.layer_type, "recurrent") if k.layer_type in RECURRENT_LAYER_TYPES else k
-            for k in kinds
-        ]
+        kinds = [LayerKind(k.layer_type, None, refusal=refusal) if k.attention in _MASKED else k for k in kinds]
     return kinds
+
+
+def _with_mixer(kind: LayerKind, module: nn.Module) -> LayerKind:
+    """A layer's verdict once a mixer that reads the row in order was found in it."""
+    driven = mixer_for(module)
+    if driven is None:
+        return LayerKind(kind.layer_type, None, refusal=unsupported(module))
+    if kind.layer_type in _READ_IN_ORDER:
+        return LayerKind(kind.layer_type, "recurrent", mixer=driven.kind)
+    if kind.layer_type == _PARALLEL or kind.attention is not None:
+        return LayerKind(kind.layer_type, kind.attention or "full", kind.window, kind.chunk, mixer=driven.kind)
+    return kind
 
 
 def check_layers(model: PreTrainedModel) -> list[LayerKind]:
@@ -136,7 +155,9 @@ def _kind(config: PreTrainedConfig, layer_type: str | None) -> LayerKind:
         return LayerKind(layer_type, "chunked", chunk=int(chunk))
     if attention == "full":
         return LayerKind(layer_type, "full")
-    if layer_type in _READ_IN_ORDER:
+    if layer_type in _POSITIONWISE:
+        return LayerKind(layer_type, "positionwise")
+    if layer_type in _READ_IN_ORDER or layer_type == _PARALLEL:
         return LayerKind(layer_type, None, refusal="reads the row in order")
     return LayerKind(layer_type, None, refusal="a layer type onepass-prep does not know")
 
@@ -182,14 +203,15 @@ def _decoder_layers(model: nn.Module, count: int) -> list[nn.Module]:
     return []
 
 
-def _ordered_mixer(layer: nn.Module) -> str | None:
-    """The class of a submodule that mixes positions in row order: a causal convolution over
-    the sequence (LFM2's short convolution, and the one in front of every Mamba and
-    Gated DeltaNet mixer) or a state-space decay ``A_log`` (Mamba, DeltaNet)."""
+def _ordered_mixer(layer: nn.Module) -> nn.Module | None:
+    """A submodule that mixes positions in row order: a causal convolution over the sequence
+    (LFM2's short convolution, and the one in front of every Mamba and Gated DeltaNet mixer), a
+    state-space decay ``A_log`` (Mamba, DeltaNet) or lightning attention's ``slope_rate``."""
     for child in [layer, *layer.children()]:
         modules = [child] if child is layer else list(child.modules())
-        if any(isinstance(m, nn.Conv1d) or "A_log" in m._parameters for m in modules):
-            return type(child).__name__
+        if any(isinstance(m, nn.Conv1d) or "A_log" in m._parameters or "slope_rate" in m._buffers
+               for m in modules):
+            return child
     return None
 
 

@@ -8,6 +8,7 @@ import re
 import shutil
 
 import huggingface_hub
+import pytest
 import transformers as T
 from helpers.paths import SAMPLE
 from helpers.runs import cli
@@ -59,13 +60,13 @@ def test_tree_attention_says_why_not_and_what_to_use(tmp_path) -> None:
 
 
 def test_a_hybrid_model_is_refused_everywhere(tmp_path) -> None:
-    T.Lfm2Config(num_hidden_layers=4, full_attn_idxs=[1, 3]).save_pretrained(tmp_path)
+    T.JambaConfig(num_hidden_layers=2, attn_layer_offset=1, attn_layer_period=2).save_pretrained(tmp_path)
     result = cli("check-model", tmp_path / "config.json", columns=600)
     assert result.exit_code == 1, result.output
     refusal = (
-        "refused       Lfm2ForCausalLM cannot train on tree rows exactly: layers conv (runs "
-        "Lfm2ShortConv, which reads the row in order); only full, sliding-window and chunked "
-        "attention layers can be made exact by a mask"
+        "refused       JambaForCausalLM cannot train on tree rows exactly: layers linear_attention (runs "
+        "JambaMambaMixer, which reads the row in order: its selective scan (transformers' "
+        "mamba_selective_scan) takes no initial state"
     )
     got = lines(result.output)
     assert all(got[name].startswith(refusal) for name in ("sdpa", "eager", "onepass_tree")), result.output
@@ -106,12 +107,16 @@ def test_a_mask_that_misses_the_window_is_caught(tmp_path, monkeypatch) -> None:
     assert all(got[name].startswith("differs") for name in ("sdpa", "eager", "flex_attention", "onepass_tree"))
 
 
-def test_a_gated_deltanet_hybrid_is_exact(tmp_path) -> None:
-    """Qwen3.5's linear-attention layers run from each segment's parent state (recurrent.py)."""
-    T.Qwen3_5TextConfig(num_hidden_layers=4).save_pretrained(tmp_path)
+@pytest.mark.parametrize("config, mixer", [
+    (lambda: T.Qwen3_5TextConfig(num_hidden_layers=4), "Gated DeltaNet"),
+    (lambda: T.NemotronHConfig(), "Mamba-2"),
+])
+def test_a_recurrent_hybrid_is_exact(tmp_path, config, mixer) -> None:
+    """Recurrent mixers run from each chain's parent state (onepass_prep/torch/recurrent/)."""
+    config().save_pretrained(tmp_path)
     result = cli("check-model", tmp_path, columns=400)
     assert result.exit_code == 0, result.output
-    assert "linear attention, each segment from its parent's state" in result.output
+    assert f"{mixer}, each chain from its parent's state" in result.output
     got = lines(result.output)
     for implementation in ("sdpa", "eager", "onepass_tree"):
         assert got[implementation].startswith("exact "), result.output

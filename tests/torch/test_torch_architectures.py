@@ -10,8 +10,9 @@ each attention implementation transformers offers for the model. Per-token losse
 by (context, target), so a token is compared with itself. Flex runs forward only: its backward
 needs the compiled GPU kernel (test_torch_flex.py); its window block tables are checked tile by
 tile against create_block_mask instead. Tree attention holds windows and chunks in its plan and
-refuses softcapping and sinks with what to use. Hybrid models are refused at install time with
-their reason, and one tree mask shared by every layer (what the hook did before) is shown to
+refuses softcapping and sinks with what to use. Hybrid models (recurrent mixers) are in
+test_torch_hybrid.py; here a mixer is found from the modules even where the config says
+attention, and one tree mask shared by every layer (what the hook did before) is shown to
 fail the window models, so the matrix would catch it.
 """
 
@@ -233,27 +234,6 @@ def test_windowed_masks_are_built_once_per_layer_type(monkeypatch: pytest.Monkey
     assert len(built) == 2 and set(seen[0]) == {"sliding_attention", "full_attention"}
 
 
-HYBRIDS: dict[str, tuple[Callable[[], T.PreTrainedConfig], str]] = {
-    "lfm2": (lambda: T.Lfm2Config(**{k: v for k, v in FOUR.items() if k != "head_dim"}, full_attn_idxs=[1, 3]),
-             "Lfm2ForCausalLM cannot train on tree rows exactly: layers conv (runs Lfm2ShortConv, "
-             "which reads the row in order)"),
-    "falcon_h1": (lambda: T.FalconH1Config(
-        **SIZE, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=1,
-    ), "FalconH1ForCausalLM cannot train on tree rows exactly: layers hybrid (runs FalconH1Mixer, "
-       "which reads the row in order)"),
-    "granite4_hybrid": (lambda: T.GraniteMoeHybridConfig(
-        **{k: v for k, v in SIZE.items() if k != "head_dim"}, layer_types=["mamba", "attention"],
-        mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=1, num_local_experts=0,
-        shared_intermediate_size=64,
-    ), "GraniteMoeHybridForCausalLM cannot train on tree rows exactly: layers linear_attention "
-       "(runs GraniteMoeHybridMambaLayer, which reads the row in order)"),
-    "nemotron_h": (lambda: T.NemotronHConfig(
-        **{k: v for k, v in SIZE.items() if k not in ("num_hidden_layers", "intermediate_size")},
-        layers_block_type=["mamba", "attention"], mamba_num_heads=4, mamba_head_dim=8,
-        ssm_state_size=8, n_groups=1,
-    ), "NemotronHForCausalLM cannot train on tree rows exactly: layers linear_attention (runs "
-       "NemotronHMamba2Mixer, which reads the row in order)"),
-}
 REASON = (
     "; only full, sliding-window and chunked attention layers can be made exact by a mask (a layer "
     "that reads the row in order carries one branch's state into its sibling); train this model "
@@ -261,39 +241,20 @@ REASON = (
 )
 
 
-@pytest.mark.parametrize("name", HYBRIDS)
-def test_hybrid_models_are_refused_at_install(name: str) -> None:
-    config, message = HYBRIDS[name]
-    model = T.AutoModelForCausalLM.from_config(config())
-    with pytest.raises(ValueError) as refused:
-        install_mask_hook(model)
-    assert str(refused.value) == message + REASON
-    assert not model._forward_pre_hooks
-
-
-def test_gated_deltanet_hybrids_pass_the_install_check() -> None:
-    """Qwen3-Next's linear-attention layers are the one recurrent kind recurrent.py makes exact
-    (tests/torch/test_torch_hybrid.py compares them with N passes); the check lets them in."""
-    model = T.AutoModelForCausalLM.from_config(T.Qwen3NextConfig(
-        **FOUR, **MOE, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
-        linear_value_head_dim=8, shared_expert_intermediate_size=32,
-    ))
-    install_mask_hook(model)
-    kinds = {(kind.layer_type, kind.attention) for kind in check_layers(model)}
-    assert kinds == {("linear_attention", "recurrent"), ("full_attention", "full")}
-
-
-def test_a_state_space_mixer_is_refused_even_where_the_config_says_attention(
+def test_a_state_space_mixer_is_found_even_where_the_config_says_attention(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Falcon-H1's mixer runs beside the attention of every layer: were its config to call
-    the layers full attention, the modules still decide."""
+    the layers full attention, the modules still decide (the mixer is run from each chain's
+    parent state, tests/torch/test_torch_hybrid.py; a mixer no adapter drives is refused there)."""
     monkeypatch.setattr(
         T.FalconH1Config, "layers_block_type", property(lambda self: ["full_attention"] * self.num_hidden_layers)
     )
-    model = T.AutoModelForCausalLM.from_config(HYBRIDS["falcon_h1"][0]())
-    with pytest.raises(ValueError, match=r"layers full_attention \(runs FalconH1Mixer, which reads"):
-        install_mask_hook(model)
+    model = T.AutoModelForCausalLM.from_config(T.FalconH1Config(
+        **SIZE, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_expand=1,
+    ))
+    kinds = {(kind.layer_type, kind.attention, kind.mixer) for kind in check_layers(model)}
+    assert kinds == {("full_attention", "full", "Mamba-2")}
 
 
 def _with_layer_types(config: T.PreTrainedConfig, layer_types: list[str]) -> T.PreTrainedConfig:
