@@ -255,7 +255,7 @@ def test_tree_conv_is_conv1d_along_each_path() -> None:
     x = torch.randn(total, channels, dtype=torch.float64)
     weight, bias = torch.randn(channels, taps, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
     got = tree_conv(x, plan.parents, taps, lambda window: F.conv1d(
-        window, weight[:, None], bias, padding=taps - 1, groups=channels)[..., :taps])
+        window, weight[:, None], bias, padding=taps - 1, groups=channels)[..., : window.shape[-1]])
     for j in range(total):
         path = [j]
         while len(path) < taps and plan.parents[path[-1]] < total:

@@ -143,9 +143,15 @@ def ancestor_windows(inputs: torch.Tensor, parents: torch.Tensor, taps: int) -> 
 def tree_conv(inputs: torch.Tensor, parents: torch.Tensor, taps: int,
               convolve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """A causal convolution of ``[N, C]`` flat inputs along each token's path to its root.
-    ``convolve`` is the mixer's own convolution (``[n, C, taps] -> [n, C, taps]``, causal, as
-    it runs over a sequence); each token keeps the last position of its ancestor window."""
-    return convolve(ancestor_windows(inputs, parents, taps))[..., -1]
+    ``convolve`` is the mixer's own convolution (``[1, C, T] -> [1, C, T]``, causal, as it
+    runs over a sequence). The ancestor windows go to it end to end as one sequence: the last
+    position of a window reads ``taps`` positions, its own window and nothing before, and each
+    token keeps that position. One sequence, not ``N`` windows of ``taps``: a depthwise
+    convolution's backward over a batch of ``N`` runs ``N`` small kernels (seconds per layer
+    on CPU for a few thousand tokens)."""
+    windows = ancestor_windows(inputs, parents, taps)
+    sequence = windows.permute(1, 0, 2).reshape(1, inputs.shape[1], -1)
+    return convolve(sequence)[0, :, taps - 1 :: taps].T
 
 
 Scan = Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
