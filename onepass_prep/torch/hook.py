@@ -67,7 +67,7 @@ def build_attention_mask(
     kind: MaskKind | None = None,
     position_ids: torch.Tensor | None = None,
     layers: list[LayerKind] | None = None,
-) -> Mask | dict[str, Mask]:
+) -> Mask | dict[str, Mask | None]:
     """The mask ``model`` needs for this batch, on the model's device and in its dtype: one
     mask, or one per layer type (``{layer_type: mask}``) for a model with several kinds of
     layer. ``position_ids`` are needed by sliding-window and chunked layers; ``layers`` is
@@ -89,7 +89,11 @@ def build_attention_mask(
         masks[layer_type] = built[key]
     if len(masks) == 1:
         return next(iter(masks.values()))
-    return {str(layer_type): mask for layer_type, mask in masks.items()}
+    # A model given the mapping looks every layer's mask up by its type (LaraMini: its
+    # "linear_attention" layers too): None for layers a mask does not serve, as transformers'
+    # own create_recurrent_attention_mask answers for a 4D mask.
+    unmasked = {str(layer.layer_type): None for layer in layers if layer.attention in ("recurrent", "positionwise")}
+    return {**unmasked, **{str(layer_type): mask for layer_type, mask in masks.items()}}
 
 
 def _mask(

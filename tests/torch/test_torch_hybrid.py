@@ -445,3 +445,27 @@ def test_verdicts_name_each_mixer(oracle: Callable) -> None:
         "falcon_h1": ["full attention beside Mamba-2, each chain from its parent's state"],
         "lfm2": ["full attention", "short convolution, each chain from its parent's state"],
     }
+
+
+def test_lara_mini_mask_mapping_holds_its_linear_layers() -> None:
+    """LaraMini looks every layer's mask up in the mapping by its type, its "linear_attention"
+    layers too (a KeyError before the hook gave that key None), and runs sliding-window layers
+    beside Gated DeltaNet ones: per-token losses equal N passes under sdpa and tree attention
+    (gradients of the same mixer and windows are checked for the families above)."""
+    torch.manual_seed(0)
+    config = T.LaraMiniConfig(
+        **COMMON, **{**DELTANET, "linear_num_value_heads": 2}, num_hidden_layers=3, head_dim=16, sliding_window=8,
+        num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        layer_types=["linear_attention", "sliding_attention", "full_attention"],
+    )
+    pristine = T.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    collated = batch()
+    with torch.no_grad():
+        want = n_pass_token_losses(pristine)
+        mask = build_attention_mask(pristine, collated["subtree_end"], position_ids=collated["position_ids"])
+        assert isinstance(mask, dict) and mask["linear_attention"] is None
+        for kind in (None, "tree"):
+            model = copy.deepcopy(pristine)
+            install_mask_hook(model, kind=kind)
+            one = token_losses(model(**one_pass_inputs(collated)).logits, collated["labels"])
+            torch.testing.assert_close(one.sort().values, want.sort().values, rtol=1e-5, atol=1e-5)
