@@ -197,6 +197,8 @@ def main() -> None:
         accelerate(args)
     else:
         trainer(args, sft=args.launcher == "sft")
+    if dist.is_initialized():  # Trainer and Accelerator leave it up; gloo can abort at exit
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
