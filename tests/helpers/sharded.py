@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, PretrainedConfig, Qwen3Config
 from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
+
+from helpers.torch_models import VocabWideTensors
 
 VOCAB = 512
 CHUNK = 7  # positions per head chunk
@@ -86,24 +87,6 @@ def micro_batches(rows: list[dict]) -> list[dict]:
     return [collate(rows[:2]), collate(rows[2:])]
 
 
-class VocabWideTensors(TorchDispatchMode):
-    """The most positions of any tensor as wide as the vocabulary that an operation computes
-    (as in test_torch_head.py)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view:
-            return out
-        for tensor in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[-1] == VOCAB:
-                self.most = max(self.most, tensor.numel() // VOCAB)
-        return out
-
-
 def shard(model: torch.nn.Module, how: str) -> torch.nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -131,7 +114,7 @@ def sharded_step(case: str, rank: int, world: int, rows: list[dict]) -> dict:
     mine = micro_batches(rows[rank::world])
     denominator = step_denominator(mine)
     total = torch.zeros((), dtype=torch.float64)
-    with VocabWideTensors() as seen:
+    with VocabWideTensors(VOCAB) as seen:
         for i, batch in enumerate(mine):
             model.set_requires_gradient_sync(i == len(mine) - 1)  # accumulate, then reduce
             loss, outputs = forward_loss(model, batch, denominator)

@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from helpers.torch_rows import chat_samples, pack, random_row, reference_visible
@@ -107,3 +108,22 @@ def dense_reference(rows: list[dict], length: int) -> torch.Tensor:
         out[b, :n, :n] = torch.from_numpy(reference_visible(spec["seg_lens"], spec["seg_parents"]))
         out[b, range(n, length), range(n, length)] = True
     return out
+
+
+class VocabWideTensors(TorchDispatchMode):
+    """The most positions of any tensor as wide as the vocabulary (logits, their softmax, their
+    gradient) that an operation computes, forward or backward (views of existing tensors, such
+    as the head's transposed weight, hold nothing new)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.most = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[-1] == self.vocab:
+                self.most = max(self.most, tensor.numel() // self.vocab)
+        return out

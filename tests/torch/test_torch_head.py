@@ -13,9 +13,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers.torch_models import SIZE, VOCAB, gradients, tiny_model
+from helpers.torch_models import SIZE, VOCAB, VocabWideTensors, gradients, tiny_model
 from helpers.torch_rows import NORMALIZATIONS, chat_samples, pack
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     CohereConfig,
@@ -145,25 +144,6 @@ def test_tree_attention_takes_the_chunked_head() -> None:
     assert_same(step(model, micro), step(model, micro, full_logits=True))
 
 
-class VocabWideTensors(TorchDispatchMode):
-    """Records the most positions of any tensor as wide as the vocabulary (logits, their
-    softmax, their gradient) that an operation computes, forward or backward (views of
-    existing tensors, such as the head's transposed weight, hold nothing new)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view:
-            return out
-        for tensor in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[-1] == VOCAB:
-                self.most = max(self.most, tensor.numel() // VOCAB)
-        return out
-
-
 @pytest.mark.parametrize("family", ["qwen3", "gemma2"])
 def test_no_full_logits_in_the_training_path(family: str) -> None:
     """Forward and backward: no tensor of the vocabulary's width holds more than one chunk of
@@ -174,7 +154,7 @@ def test_no_full_logits_in_the_training_path(family: str) -> None:
     positions = batch["labels"].numel()
     assert VOCAB not in (SIZE["hidden_size"], SIZE["intermediate_size"])
     for full, most in ((False, CHUNK), (True, positions)):
-        with VocabWideTensors() as seen:
+        with VocabWideTensors(VOCAB) as seen:
             forward_loss(model, batch, 1, full_logits=full)[0].backward()
         assert seen.most == most, (full, seen.most)
 
