@@ -40,7 +40,7 @@ def test_report_prints_any_subset_of_sections():
     spec.loader.exec_module(module)
     full = json.loads((ROOT / "benchmarks" / "results.json").read_text())
     sections = [key for key in full if key not in ("machine", "quick")]
-    assert len(sections) == len(module.SECTIONS.split(","))
+    assert len(sections) >= len(module.SECTIONS.split(","))  # a section may hold several results (hybrid: two models)
     whole = module.report(full)
     for section in sections:
         alone = module.report({"machine": full["machine"], "quick": False, section: full[section]})

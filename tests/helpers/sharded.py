@@ -27,7 +27,7 @@ from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
 
 from helpers.torch_models import VocabWideTensors
 
-VOCAB = 512
+VOCAB = 509  # no length the tree convolution lays out (a multiple of its taps) is this wide
 CHUNK = 7  # positions per head chunk
 SIZE = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
