@@ -4,7 +4,8 @@ ranks), it writes ``OUT/results.json`` for tests/torch/test_torch_sharded.py.
 
 Per configuration: the step's loss summed over ranks, every parameter's gradient (gathered
 whole), the most positions any vocabulary-wide tensor held in the ranks' forward and backward,
-and the same loss and gradients of one process (the full-logits path, no FSDP).
+and the same loss and gradients of one process (the full-logits path, no FSDP); for bf16 also
+the loss of one process with bf16 parameters.
 """
 
 from __future__ import annotations
@@ -129,16 +130,33 @@ def sharded_step(case: str, rank: int, world: int, rows: list[dict]) -> dict:
     return {"loss": float(total), "grads": grads, "most": int(most), "trained": trained}
 
 
-def one_process(case: str, rows: list[dict]) -> dict:
+def one_process_loss(model: torch.nn.Module, rows: list[dict], full_logits: bool) -> torch.Tensor:
+    """The step's loss of one process over both ranks' micro-batches."""
     from onepass_prep.torch import forward_loss, install_mask_hook, step_denominator
 
-    model = build(CASES[case][0])
     install_mask_hook(model)
     everything = micro_batches(rows[0::2]) + micro_batches(rows[1::2])
     denominator = step_denominator(everything)
-    loss = sum(forward_loss(model, batch, denominator, full_logits=True)[0] for batch in everything)
+    losses = (forward_loss(model, b, denominator, full_logits=full_logits)[0] for b in everything)
+    return sum(loss.float() for loss in losses)
+
+
+def one_process(case: str, rows: list[dict]) -> dict:
+    model = build(CASES[case][0])
+    loss = one_process_loss(model, rows, full_logits=True)
     loss.backward()
     return {"loss": float(loss), "grads": {n: p.grad.double().tolist() for n, p in model.named_parameters()}}
+
+
+def one_process_bf16_loss(case: str, rows: list[dict]) -> float:
+    """The step's loss of one process whose parameters are bf16 and buffers (RoPE's inverse
+    frequencies) are not, which is what ``MixedPrecisionPolicy(param_dtype=bf16)`` computes
+    with: the same rounding as the sharded run, so only the sum's order differs."""
+    model = build(CASES[case][0])
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    with torch.no_grad():
+        return float(one_process_loss(model, rows, full_logits=False))
 
 
 def run(rank: int, world: int, init: str, out: str) -> None:
@@ -157,6 +175,8 @@ def run(rank: int, world: int, init: str, out: str) -> None:
     if rank == 0:
         for case, result in results.items():
             result["one_process"] = one_process(case, rows)
+            if CASES[case][1] == "bf16":
+                result["one_process_bf16_loss"] = one_process_bf16_loss(case, rows)
         with open(os.path.join(out, "results.json"), "w") as file:
             json.dump(results, file)
     sys.stdout.flush()

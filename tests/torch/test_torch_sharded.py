@@ -56,14 +56,21 @@ def test_fsdp2_keeps_the_head_chunked(results: dict, case: str) -> None:
     assert results[case]["most"] == CHUNK < results[case]["trained"]
 
 
+def test_fsdp2_bf16_mixed_precision_equals_one_bf16_process(results: dict) -> None:
+    """bf16 parameters, fp32 reduction: the loss is one bf16 process's up to float32 summation
+    order (the rounding itself depends on the CPU's bf16 kernels, so it is compared with the
+    same rounding, not with a tolerance against float32)."""
+    result = results["qwen3-bf16"]
+    assert result["loss"] == pytest.approx(result["one_process_bf16_loss"], rel=1e-6)
+    assert result["loss"] != pytest.approx(result["one_process"]["loss"], rel=1e-6)  # it did compute in bf16
+
+
 def test_fsdp2_bf16_mixed_precision_is_close_to_float32(results: dict) -> None:
-    """bf16 parameters, fp32 reduction, against one float32 process: the loss (summed in
-    float32 from bf16 logits) within 1e-4, every gradient within 10% of its largest entry and
-    pointing the same way (cosine > 0.999)."""
+    """Against one float32 process: the loss within 1e-3 (bf16 rounds to 2**-9), every
+    gradient within 10% of its largest entry and pointing the same way (cosine > 0.999)."""
     result = results["qwen3-bf16"]
     reference = result["one_process"]
-    assert result["loss"] == pytest.approx(reference["loss"], rel=1e-4)
-    assert result["loss"] != reference["loss"]  # it did compute in bf16
+    assert result["loss"] == pytest.approx(reference["loss"], rel=1e-3)
     assert worst_gradient(result["grads"], reference["grads"]) < 0.1
     for name, want in reference["grads"].items():
         got, want = np.ravel(result["grads"][name]), np.ravel(want)
