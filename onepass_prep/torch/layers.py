@@ -13,15 +13,17 @@ Falcon-H1). Everything else is refused here, in ``check_layers``, the one place 
 
 The verdict comes from the config (``layer_types`` and the window and chunk fields, what
 transformers' own mask functions read) and from the layers' modules (Falcon-H1's config
-says nothing, yet a state-space mixer runs beside every attention), never from a list of
-model names: an architecture transformers adds later is refused unless it says, in these
-terms, that it is one of these kinds.
+says nothing, yet a state-space mixer runs beside every attention; Moshi's config has a
+window its code builds no mask for), never from a list of model names: an architecture
+transformers adds later is refused unless it says, in these terms, that it is one of these
+kinds.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -101,7 +103,12 @@ def layer_kinds(model: PreTrainedModel) -> list[LayerKind]:
         else _kind(config, types[i] if types is not None else None)
         for i in range(count)
     ]
-    for i, layer in enumerate(_decoder_layers(model, count)):
+    layers = _decoder_layers(model, count)
+    windows = {k.window for k in kinds if k.attention == "sliding"}
+    if types is None and windows and layers and not _builds_window_masks(layers[0]):
+        unapplied = _UNAPPLIED_WINDOW.format(windows.pop(), type(layers[0]).__module__)
+        kinds = [LayerKind(k.layer_type, None, refusal=unapplied) if k.attention == "sliding" else k for k in kinds]
+    for i, layer in enumerate(layers):
         mixer = _ordered_mixer(layer)
         if mixer is not None:
             kinds[i] = _with_mixer(kinds[i], mixer)
@@ -160,6 +167,20 @@ def _kind(config: PreTrainedConfig, layer_type: str | None) -> LayerKind:
     if layer_type in _READ_IN_ORDER or layer_type == _PARALLEL:
         return LayerKind(layer_type, None, refusal="reads the row in order")
     return LayerKind(layer_type, None, refusal="a layer type onepass-prep does not know")
+
+
+_UNAPPLIED_WINDOW = (
+    "sliding_window={} in the config, yet {} builds no sliding-window mask "
+    "(create_sliding_window_causal_mask): which window the model applies is unknown"
+)
+
+
+def _builds_window_masks(layer: nn.Module) -> bool:
+    """Whether the code that defines a decoder layer has transformers' sliding-window mask.
+    With one ``sliding_window`` and no ``layer_types``, a model windows its attention through
+    that function (Mistral, Phi-3, Starcoder2); Moshi's config carries a window its code never
+    applies, so the config alone does not say which mask N passes would see."""
+    return hasattr(sys.modules[type(layer).__module__], "create_sliding_window_causal_mask")
 
 
 def _whole_model_refusal(config: PreTrainedConfig) -> str | None:

@@ -270,9 +270,16 @@ def _with_layer_types(config: T.PreTrainedConfig, layer_types: list[str]) -> T.P
     (lambda: _with_layer_types(T.Qwen3Config(**SIZE), ["full_attention", "gated_attention"]),
      "Qwen3ForCausalLM cannot train on tree rows exactly: layers gated_attention (a layer type "
      "onepass-prep does not know)"),
+    (lambda: T.MoshiConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64),
+     "MoshiForCausalLM cannot train on tree rows exactly: layers a layer (sliding_window=3000 in the "
+     "config, yet transformers.models.moshi.modeling_moshi builds no sliding-window mask "
+     "(create_sliding_window_causal_mask): which window the model applies is unknown)"),
 ])
 def test_unknown_masks_and_layer_types_are_refused(config: Callable, message: str) -> None:
-    """A window field or a layer type it does not know: refused, never trained wrong."""
+    """A window field or a layer type it does not know, or a window the model's code never
+    builds a mask for (Moshi; Mistral and Phi-3 above build theirs): refused, never trained
+    wrong."""
     model = T.AutoModelForCausalLM.from_config(config())
     with pytest.raises(ValueError) as refused:
         install_mask_hook(model)
